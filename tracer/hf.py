@@ -1,0 +1,117 @@
+"""The transformers side: `AlignConfig` from the spec, a model built without initialisation, strict state writing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+from transformers import AlignConfig, AlignModel, AlignTextConfig, AlignVisionConfig
+
+from .errors import ConversionError
+from .spec import AlignSpec
+
+logger = logging.getLogger(__name__)
+
+
+def align_config(spec: AlignSpec, temperature: float = 1.0) -> AlignConfig:
+    v, t = spec.vision, spec.text
+    vision = AlignVisionConfig(
+        width_coefficient=v.width_coefficient,
+        depth_coefficient=v.depth_coefficient,
+        image_size=v.image_size,
+        hidden_dim=v.hidden_dim,  # coyo has no top conv: the pooled features are the last block's channels
+        depthwise_padding=[],  # coyo's EfficientNet is built for an unknown input size: every stride-2 pad is asymmetric
+        batch_norm_eps=v.batch_norm_eps,
+        hidden_act="swish",
+        pooling_type="mean",
+    )
+    text = AlignTextConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        type_vocab_size=t.type_vocab_size,
+        layer_norm_eps=t.layer_norm_eps,
+        hidden_act="gelu",
+        pad_token_id=0,
+    )
+    return AlignConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=spec.embed_dim,
+        temperature_init_value=temperature,
+    )
+
+
+def build_empty(config: AlignConfig) -> AlignModel:
+    """The model on the meta device: no memory, no random initialisation that would be overwritten anyway."""
+    with torch.device("meta"):
+        model = AlignModel(config)
+    return model.eval()
+
+
+def expected_state(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every persistent tensor the model saves: name -> (shape, dtype)."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+# Tensors that come from no checkpoint variable, and how they are derived.
+def _derived_state(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    if name.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=dtype)  # Keras keeps no step count; eval mode never reads it
+    return None
+
+
+def _derived_buffer(name: str, buffer: torch.Tensor) -> torch.Tensor:
+    """Non-persistent buffers are not in any checkpoint; rebuild them as the module's __init__ does."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "position_ids":
+        return torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape).clone()
+    if leaf == "token_type_ids":
+        return torch.zeros(buffer.shape, dtype=buffer.dtype)
+    raise ConversionError(f"non-persistent buffer `{name}` has no known derivation")
+
+
+def write_state(model: AlignModel, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Write every parameter and buffer strictly; returns the saved tensors derived rather than read.
+
+    Fails, listing them, on any parameter left unwritten, any tensor with no place in the model, or any shape
+    or dtype mismatch.
+    """
+    expected = expected_state(model)
+    state, derived = {}, []
+    unexpected = sorted(set(tensors) - set(expected))
+    missing, mismatched = [], []
+    for name, (shape, dtype) in expected.items():
+        if name in tensors:
+            value = tensors[name]
+            if tuple(value.shape) != shape:
+                mismatched.append(f"{name}: checkpoint gives {tuple(value.shape)}, model needs {shape}")
+            state[name] = value.to(dtype)
+        elif (value := _derived_state(name, shape, dtype)) is not None:
+            state[name] = value
+            derived.append(name)
+        else:
+            missing.append(name)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) never written: {missing[:20]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) with no place in AlignModel: {unexpected[:20]}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched[:20]}")
+    if problems:
+        raise ConversionError("strict writing failed: " + "; ".join(problems))
+
+    model.load_state_dict(state, strict=True, assign=True)
+    for module_name, module in model.named_modules():
+        for buf_name in list(module._non_persistent_buffers_set):
+            full = f"{module_name}.{buf_name}" if module_name else buf_name
+            module._buffers[buf_name] = _derived_buffer(full, module._buffers[buf_name])
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ConversionError(f"tensors still unwritten after loading: {left[:20]}")
+    return derived

@@ -1,0 +1,203 @@
+"""The conversion, stage by stage: checkpoint -> spec -> mapping -> models -> transfer -> compare -> save.
+
+Each stage is a plain function of the modules beside this one; this file only orders them, times them and
+decides what to do with their results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import hf as hf_side
+from .checkpoint import open_checkpoint
+from .compare import DEFAULT_ATOL, Parity, compare_embeddings, max_abs
+from .errors import BadInputError, ParityError, TracerError
+from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
+                     inputs_from_npz)
+from .mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
+from .progress import stage
+from .rules import ALIGN_RULES
+from .spec import AlignSpec, derive_spec
+from .transfer import Coverage, transfer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertOptions:
+    checkpoint_path: str = "./weights/model-weights"
+    pytorch_dump_folder_path: str = "hf_model"
+    save_model: bool = False
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
+    images: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    inputs_file: str | None = None
+    vocab_file: str | None = None  # a vocab.txt or a local tokenizer folder
+    mapping_file: str | None = None
+    mapping_out: str | None = None
+    atol: float = DEFAULT_ATOL
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    image_size: int = 289
+    seq_length: int = 64
+
+
+@dataclass
+class ConversionResult:
+    spec: AlignSpec
+    entries: list[Entry]
+    coverage: Coverage
+    parity: Parity
+    set_aside: int
+    timings: dict[str, float]
+    saved_to: Path | None = None
+    reload_max_abs: float | None = None
+    model: torch.nn.Module | None = field(default=None, repr=False)
+
+
+def check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse, before any heavy work, a destination we must not or cannot write."""
+    if path.exists() and not path.is_dir():
+        raise BadInputError(f"output path {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise BadInputError(f"output folder {path} is not empty; pass --overwrite to replace it")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise BadInputError(f"the parent folder of {path} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write into {parent} (read-only or no permission)")
+
+
+def load_inputs(options: ConvertOptions, processor) -> Inputs:
+    if options.inputs_file and (options.images or options.texts):
+        raise BadInputError("--inputs gives exact arrays; do not combine it with --image/--text")
+    if options.inputs_file:
+        return inputs_from_npz(options.inputs_file, seq_length=options.seq_length, image_size=options.image_size)
+    if options.images or options.texts:
+        if not (options.images and options.texts):
+            raise BadInputError("give both --image and --text (each repeatable), or neither to use the defaults")
+        return inputs_from_images_and_texts(options.images, options.texts, processor)
+    return default_inputs(processor, seq_length=options.seq_length)
+
+
+def hf_embed(model: torch.nn.Module, inputs: Inputs) -> dict[str, np.ndarray]:
+    """`image_embeds` and `text_embeds` exactly as `AlignModel.forward` computes them, one tower at a time."""
+    with torch.inference_mode():
+        image = model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output
+        text = model.get_text_features(**inputs.torch_text()).pooler_output
+    out = {"image_features": image.numpy(), "text_features": text.numpy()}
+    out["image_embeds"] = (image / image.norm(p=2, dim=-1, keepdim=True)).numpy()
+    out["text_embeds"] = (text / text.norm(p=2, dim=-1, keepdim=True)).numpy()
+    return out
+
+
+def save_atomically(model, processor, destination: Path, overwrite: bool) -> Path:
+    """Write into a temporary folder beside the destination and rename it into place only when complete."""
+    destination = Path(destination)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.resolve().parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if destination.exists():
+            if not overwrite and any(destination.iterdir()):
+                raise BadInputError(f"output folder {destination} appeared during the run; not replacing it")
+            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            destination.rename(old)
+            tmp.rename(destination)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return destination
+
+
+def convert(options: ConvertOptions) -> ConversionResult:
+    from .keras_ref.align import build_reference, embed, reference_variables  # heavy: imports TensorFlow
+
+    timings: dict[str, float] = {}
+    destination = Path(options.pytorch_dump_folder_path)
+    if options.save_model:
+        check_destination(destination, options.overwrite)
+
+    with stage("read checkpoint", timings):
+        checkpoint = open_checkpoint(options.checkpoint_path)
+        shapes = checkpoint.shapes()
+        logger.info(
+            "%s: %d weights, %d optimizer/metric variables set aside",
+            options.checkpoint_path, len(shapes), len(checkpoint.set_aside),
+        )
+        spec = derive_spec(shapes, image_size=options.image_size, seq_length=options.seq_length)
+        logger.info("derived: EfficientNet width %s depth %s (%d blocks), BERT %d×%d, projection %d",
+                    spec.vision.width_coefficient, spec.vision.depth_coefficient, spec.vision.num_blocks,
+                    spec.text.num_layers, spec.text.hidden_size, spec.embed_dim)
+        if options.mapping_file:
+            weight_map = map_by_file(shapes, read_mapping(options.mapping_file))
+        else:
+            weight_map = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
+
+    with stage("prepare inputs", timings):
+        processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size, options.seq_length)
+        inputs = load_inputs(options, processor)
+
+    with stage("build Keras reference", timings):
+        keras_model = build_reference(spec)
+    with stage("build HF model", timings):
+        hf_model = hf_side.build_empty(hf_side.align_config(spec))
+    with stage("copy weights", timings):
+        coverage = transfer(
+            checkpoint.read, list(shapes), weight_map, hf_model,
+            keras_variables=reference_variables(keras_model), allow_nonfinite=options.allow_nonfinite,
+        )
+        temperature = float(checkpoint.read(spec.temperature_name))
+        hf_model.config.temperature_init_value = temperature
+    if options.mapping_out:
+        write_mapping(weight_map.entries, options.mapping_out)
+
+    with stage("run Keras", timings):
+        keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
+                          inputs.token_type_ids)
+    with stage("run HF", timings):
+        hf_out = hf_embed(hf_model, inputs)
+    parity = compare_embeddings(keras_out, hf_out, temperature, float(hf_model.temperature.detach()), options.atol)
+    result = ConversionResult(spec, weight_map.entries, coverage, parity, len(checkpoint.set_aside), timings,
+                              model=hf_model)
+    checkpoint.close()
+    if not parity.ok:
+        raise ParityError(f"the converted model does not match the checkpoint: {parity.describe()}")
+
+    if options.save_model:
+        with stage("save", timings):
+            result.saved_to = save_atomically(hf_model, processor, destination, options.overwrite)
+        with stage("reload check", timings):
+            from transformers import AlignModel
+
+            reloaded = AlignModel.from_pretrained(result.saved_to).eval()
+            again = hf_embed(reloaded, inputs)
+            result.reload_max_abs = max(max_abs(again[k], hf_out[k]) for k in ("image_embeds", "text_embeds"))
+            if result.reload_max_abs > 0 or float(reloaded.temperature) != float(hf_model.temperature):
+                raise ParityError(f"the saved model reloads differently (max|Δ| {result.reload_max_abs:.2e})")
+    if options.push_to_hub:
+        with stage("push to hub", timings):
+            push(hf_model, processor, options)
+    return result
+
+
+def push(model, processor, options: ConvertOptions) -> None:
+    repo_id = options.hub_repo_id or Path(options.pytorch_dump_folder_path).name
+    try:
+        model.push_to_hub(repo_id)
+        processor.push_to_hub(repo_id)
+    except Exception as exc:  # the hub client raises many types; all mean the same to the user
+        where = f" (the local copy in {options.pytorch_dump_folder_path} is kept)" if options.save_model else ""
+        raise TracerError(f"push to the hub as `{repo_id}` failed: {exc}{where}") from exc

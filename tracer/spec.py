@@ -1,0 +1,237 @@
+"""Derive the model description (EfficientNet width/depth, BERT sizes, projection) from variable names and shapes.
+
+Nothing here knows about ALIGN-base: every size comes from the checkpoint, so the same code serves B0-B7 and
+any BERT. Only what the weights cannot tell (input resolution, sequence length) has a default, taken from coyo.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+from .errors import ConversionError
+
+# EfficientNet's base stages (Tan & Le 2019), shared by Keras, coyo and HF: (kernel, repeats, in, out, expand, stride).
+BASE_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (3, 1, 32, 16, 1, 1),
+    (3, 2, 16, 24, 6, 2),
+    (5, 2, 24, 40, 6, 2),
+    (3, 3, 40, 80, 6, 2),
+    (5, 3, 80, 112, 6, 1),
+    (5, 4, 112, 192, 6, 2),
+    (3, 1, 192, 320, 6, 1),
+)
+STEM_FILTERS = 32
+DEPTH_DIVISOR = 8
+SE_RATIO = 0.25
+# (width, depth) of the named variants, preferred when several coefficients build the same network.
+NAMED_VARIANTS = {
+    "b0": (1.0, 1.0), "b1": (1.0, 1.1), "b2": (1.1, 1.2), "b3": (1.2, 1.4),
+    "b4": (1.4, 1.8), "b5": (1.6, 2.2), "b6": (1.8, 2.6), "b7": (2.0, 3.1),
+}
+BERT_HEAD_SIZE = 64  # coyo builds BertConfig(num_attention_heads=hidden // 64)
+
+TEMPERATURE_NAMES = ("Variable", "temperature")
+_BLOCK = re.compile(r"^block(\d+)([a-z])_")
+_BERT_LAYER = re.compile(r"^(?P<scope>.+?/bert)/encoder/layer_\._(\d+)/")
+_DENSE_KERNEL = re.compile(r"^dense(_\d+)?/kernel$")
+
+
+def round_filters(filters: int, width: float, divisor: int = DEPTH_DIVISOR) -> int:
+    """EfficientNet's channel rounding, as Keras and HF both write it."""
+    filters *= width
+    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
+    if new < 0.9 * filters:
+        new += divisor
+    return int(new)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    width_coefficient: float
+    depth_coefficient: float
+    image_size: int = 289
+    batch_norm_eps: float = 1e-3
+    virtual_batch_size: int = 16
+
+    @property
+    def stage_repeats(self) -> list[int]:
+        return [round_repeats(s[1], self.depth_coefficient) for s in BASE_STAGES]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.stage_repeats)
+
+    @property
+    def hidden_dim(self) -> int:
+        """Channels of the last block: coyo's EfficientNet has no top conv, so this is the image embedding size."""
+        return round_filters(BASE_STAGES[-1][3], self.width_coefficient)
+
+    @property
+    def variant(self) -> str | None:
+        for name, wd in NAMED_VARIANTS.items():
+            if wd == (self.width_coefficient, self.depth_coefficient):
+                return name
+        return None
+
+    def block_names(self) -> list[str]:
+        """coyo's block prefixes (`block3a`) in execution order; their position is HF's running block index."""
+        return [f"block{i + 1}{chr(97 + j)}" for i, n in enumerate(self.stage_repeats) for j in range(n)]
+
+    def block_index(self) -> dict[str, int]:
+        """coyo's block id (`3a`) -> HF's running index in `vision_model.encoder.blocks`."""
+        return {name[len("block"):]: i for i, name in enumerate(self.block_names())}
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    seq_length: int = 64
+    layer_norm_eps: float = 1e-12
+    scope: str = "tf_bert_model/bert"
+
+
+@dataclass(frozen=True)
+class AlignSpec:
+    vision: VisionSpec
+    text: TextSpec
+    embed_dim: int
+    temperature_name: str = "Variable"
+    projection_name: str = "dense"
+    extras: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coefficient(candidates: Sequence[float], fits) -> float | None:
+    for c in candidates:
+        if fits(c):
+            return c
+    return None
+
+
+def _grid(lo: float, hi: float, step: float) -> list[float]:
+    return [round(lo + k * step, 2) for k in range(int(round((hi - lo) / step)) + 1)]
+
+
+def derive_vision(shapes: Mapping[str, Sequence[int]], image_size: int = 289) -> VisionSpec:
+    blocks: dict[int, set[str]] = {}
+    for name in shapes:
+        m = _BLOCK.match(name)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+    if "stem_conv/kernel" not in shapes or not blocks:
+        raise ConversionError("no EfficientNet image tower found: expected `stem_conv/kernel` and `block1a_*` variables")
+    if sorted(blocks) != list(range(1, len(BASE_STAGES) + 1)):
+        raise ConversionError(f"EfficientNet stages found: {sorted(blocks)}; expected 1..{len(BASE_STAGES)}")
+    repeats = [len(blocks[i + 1]) for i in range(len(BASE_STAGES))]
+    for i, letters in blocks.items():
+        if sorted(letters) != [chr(97 + j) for j in range(len(letters))]:
+            raise ConversionError(f"EfficientNet stage {i} has non-contiguous blocks: {sorted(letters)}")
+
+    channels = [(STEM_FILTERS, shapes["stem_conv/kernel"][-1])]
+    for i, stage in enumerate(BASE_STAGES):
+        kernel = shapes.get(f"block{i + 1}a_project_conv/kernel")
+        if kernel is None:
+            raise ConversionError(f"missing `block{i + 1}a_project_conv/kernel`")
+        channels.append((stage[3], kernel[-1]))
+
+    named_w = sorted({w for w, _ in NAMED_VARIANTS.values()})
+    named_d = sorted({d for _, d in NAMED_VARIANTS.values()})
+    width = _coefficient(
+        named_w + _grid(0.1, 4.0, 0.1) + _grid(0.05, 4.0, 0.05),
+        lambda w: all(round_filters(base, w) == found for base, found in channels),
+    )
+    # Repeats are ceil(depth * base), so the fitting depths form an interval (lo, hi]: take its roundest top.
+    depth = _coefficient(
+        named_d + _grid(0.1, 6.0, 0.1)[::-1] + _grid(0.05, 6.0, 0.05)[::-1],
+        lambda d: [round_repeats(s[1], d) for s in BASE_STAGES] == repeats,
+    )
+    if width is None:
+        raise ConversionError(f"no EfficientNet width coefficient gives these channel counts: {channels}")
+    if depth is None:
+        raise ConversionError(f"no EfficientNet depth coefficient gives these block repeats: {repeats}")
+    # Prefer a named variant's pair when both coefficients fit it.
+    for w, d in NAMED_VARIANTS.values():
+        if all(round_filters(b, w) == f for b, f in channels) and [round_repeats(s[1], d) for s in BASE_STAGES] == repeats:
+            width, depth = w, d
+            break
+    return VisionSpec(width_coefficient=width, depth_coefficient=depth, image_size=image_size)
+
+
+def derive_text(shapes: Mapping[str, Sequence[int]], seq_length: int = 64) -> TextSpec:
+    layers: dict[str, set[int]] = {}
+    for name in shapes:
+        m = _BERT_LAYER.match(name)
+        if m:
+            layers.setdefault(m.group("scope"), set()).add(int(m.group(2)))
+    if not layers:
+        raise ConversionError("no BERT text tower found: expected `…/bert/encoder/layer_._N/…` variables")
+    if len(layers) > 1:
+        raise ConversionError(f"more than one BERT found in the checkpoint: {sorted(layers)}")
+    scope, indices = next(iter(layers.items()))
+    if sorted(indices) != list(range(len(indices))):
+        raise ConversionError(f"BERT encoder layers are not contiguous: {sorted(indices)}")
+
+    def shape(suffix: str) -> Sequence[int]:
+        name = f"{scope}/{suffix}"
+        if name not in shapes:
+            raise ConversionError(f"missing BERT variable `{name}`")
+        return shapes[name]
+
+    vocab, hidden = shape("embeddings/word_embeddings/weight")
+    if hidden % BERT_HEAD_SIZE:
+        raise ConversionError(f"BERT hidden size {hidden} is not a multiple of {BERT_HEAD_SIZE}: cannot derive heads")
+    return TextSpec(
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        num_layers=len(indices),
+        num_heads=int(hidden) // BERT_HEAD_SIZE,
+        intermediate_size=int(shape("encoder/layer_._0/intermediate/dense/kernel")[1]),
+        max_position_embeddings=int(shape("embeddings/position_embeddings/embeddings")[0]),
+        type_vocab_size=int(shape("embeddings/token_type_embeddings/embeddings")[0]),
+        seq_length=seq_length,
+        scope=scope,
+    )
+
+
+def derive_spec(shapes: Mapping[str, Sequence[int]], image_size: int = 289, seq_length: int = 64) -> AlignSpec:
+    """The model description from `{variable name: shape}` (names without `:0`, weights only)."""
+    vision = derive_vision(shapes, image_size)
+    text = derive_text(shapes, seq_length)
+
+    dense = sorted(n for n in shapes if _DENSE_KERNEL.match(n))
+    text_dense = [n for n in dense if shapes[n][0] == text.hidden_size]
+    image_dense = [n for n in dense if n not in text_dense]
+    if image_dense:
+        raise ConversionError(
+            f"the image tower has its own Dense projection ({', '.join(image_dense)}), as coyo builds for B0-B6; "
+            "transformers' AlignModel has no image projection, so it cannot hold this checkpoint"
+        )
+    if len(text_dense) != 1:
+        raise ConversionError(f"expected one text projection Dense with input size {text.hidden_size}, found {dense}")
+    projection = text_dense[0].rsplit("/", 1)[0]
+
+    temperature = [n for n in TEMPERATURE_NAMES if n in shapes and len(shapes[n]) == 0]
+    if not temperature:
+        raise ConversionError(f"no scalar temperature variable found (looked for {', '.join(TEMPERATURE_NAMES)})")
+    return AlignSpec(
+        vision=vision,
+        text=text,
+        embed_dim=int(shapes[f"{projection}/kernel"][1]),
+        temperature_name=temperature[0],
+        projection_name=projection,
+    )

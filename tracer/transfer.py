@@ -1,0 +1,93 @@
+"""Copy the checkpoint into both models, reading each tensor once, and account for coverage both ways."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from .errors import BadInputError, ConversionError
+from .hf import write_state
+from .mapping import WeightMap
+from .progress import progress
+from .transforms import get_transform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Coverage:
+    hf_tensors_written: int
+    hf_tensors_total: int
+    checkpoint_weights_used: int
+    checkpoint_weights_total: int
+    derived: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("hf_tensors_written", "hf_tensors_total",
+                                              "checkpoint_weights_used", "checkpoint_weights_total")}
+
+
+def transfer(
+    read: Callable[[str], np.ndarray],
+    checkpoint_names: list[str],
+    weight_map: WeightMap,
+    hf_model: torch.nn.Module,
+    keras_variables: Mapping[str, object] | None = None,
+    allow_nonfinite: bool = False,
+) -> Coverage:
+    """Write every mapped checkpoint weight into the HF model (and the Keras reference, when given).
+
+    Strict both ways: a checkpoint weight no entry uses, a Keras variable left unassigned and an HF tensor left
+    unwritten are all errors that name the tensors.
+    """
+    if weight_map.unmatched:
+        raise ConversionError(
+            f"{len(weight_map.unmatched)} checkpoint weight(s) have no mapping: {weight_map.unmatched[:20]}"
+        )
+    if keras_variables is not None:
+        missing = sorted(set(keras_variables) - set(checkpoint_names))
+        extra = sorted(set(checkpoint_names) - set(keras_variables))
+        if missing or extra:
+            raise ConversionError(
+                f"checkpoint and reference model disagree: {len(missing)} model variable(s) not in the checkpoint "
+                f"{missing[:10]}, {len(extra)} checkpoint weight(s) not in the model {extra[:10]}"
+            )
+
+    tensors: dict[str, torch.Tensor] = {}
+    nonfinite = []
+    for entry in progress(weight_map.entries, desc="copy weights", unit="tensor"):
+        array = read(entry.variable)
+        if not np.isfinite(array).all():
+            nonfinite.append(entry.variable)
+            if not allow_nonfinite:
+                continue
+        if keras_variables is not None:
+            var = keras_variables[entry.variable]
+            if tuple(var.shape) != array.shape:
+                raise ConversionError(
+                    f"`{entry.variable}`: checkpoint shape {array.shape}, reference model shape {tuple(var.shape)}"
+                )
+            var.assign(array)
+        value = get_transform(entry.transform)(array)
+        entry.hf_shape = tuple(value.shape)
+        tensors[entry.parameter] = torch.from_numpy(value)
+    if nonfinite:
+        if not allow_nonfinite:
+            raise BadInputError(
+                f"{len(nonfinite)} weight(s) hold NaN or Inf: {nonfinite[:20]}; pass --allow_nonfinite to convert anyway"
+            )
+        logger.warning("converting %d weight(s) that hold NaN or Inf: %s", len(nonfinite), nonfinite[:20])
+
+    derived = write_state(hf_model, tensors)
+    total = len(list(hf_model.state_dict()))
+    return Coverage(
+        hf_tensors_written=len(tensors) + len(derived),
+        hf_tensors_total=total,
+        checkpoint_weights_used=len(weight_map.entries),
+        checkpoint_weights_total=len(checkpoint_names),
+        derived=derived,
+    )
