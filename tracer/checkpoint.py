@@ -1,0 +1,686 @@
+"""Read original ALIGN checkpoints (TF2 object-based or Keras 2 HDF5) without any model code.
+
+`open_checkpoint(path)` lists every serialized tensor as a `Variable` (its own variable name, where it is stored,
+shape, dtype, role) and reads one weight at a time from disk on demand; nothing loads the whole file.
+
+Formats
+-------
+* TF object-based checkpoint (``prefix.index`` + ``prefix.data-0000i-of-0000N``, written by
+  ``model.save_weights(prefix)``, ``ModelCheckpoint(save_weights_only=True)`` or ``tf.train.Checkpoint``).
+  Names come from the checkpoint's own object graph (the ``_CHECKPOINTABLE_OBJECT_GRAPH`` tensor): each variable
+  node's ``full_name`` attribute is the variable's name without ``:0``; its ``checkpoint_key`` is where it is stored.
+* Keras 2 HDF5 weights (``model.save_weights("x.h5")``): one group per layer of ``model.layers`` whose
+  ``weight_names`` attribute names its datasets, plus a ``top_level_model_weights`` group holding the variables the
+  model owns directly (ALIGN's bare ``tf.Variable`` temperature lands there as ``Variable:0``). A whole-model
+  ``model.save("x.h5")`` file nests that under ``model_weights`` and may add ``optimizer_weights``.
+
+Roles (how a variable is decided to be a model weight or set aside)
+-------------------------------------------------------------------
+TF checkpoints are classified from the object graph's structure, not from names:
+
+* optimizer objects are (a) the root's ``optimizer`` child (Keras ``Model.optimizer``, ``tf.train.Checkpoint(
+  optimizer=...)``), (b) any node that owns ``slot_variables`` (legacy optimizers such as
+  ``tf_keras.optimizers.legacy.Adam``, whose slots are stored under ``<variable>/.OPTIMIZER_SLOT/optimizer/m``),
+  (c) any node with an iteration counter child (``iter`` / ``_iterations`` holding a variable named ``*iter`` or
+  ``iteration``). Slot variable nodes themselves are optimizer state.
+* metric objects are non-root nodes whose children are all variable leaves, each with a local name equal to its
+  unscoped full name (Keras metrics create their state outside any layer's name scope) and drawn from the Keras
+  metric state names (``total``, ``count``, ``true_positives``, ...). A ``tf.keras.metrics.Mean`` tracker is the
+  node with exactly the children ``total`` and ``count``.
+* a variable is a ``"weight"`` when it can be reached from the root without passing through an optimizer or a
+  metric object; otherwise ``"optimizer"`` (iteration counter, learning rate, hyper-parameters, ``Adam/m/...``
+  variables of Keras >= 2.11 under ``optimizer/_variables/N``, legacy slots) or ``"metric"``.
+* attributes that are not variables (``VARIABLE_VALUE``), e.g. Python state or lookup tables, get role
+  ``"other"`` and are set aside as well.
+
+HDF5 weights files written by tf_keras ``save_weights`` hold neither optimizer nor metric state (``model.layers``
+excludes metrics; ``top_level_model_weights`` holds only the model's own trainable/non-trainable variables); only
+a whole-model file's ``optimizer_weights`` group is optimizer state.
+
+Two weights with the same name are a `ConversionError`: the mapping onto the target model goes by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import BadInputError, ConversionError
+
+__all__ = ["Variable", "Checkpoint", "open_checkpoint", "ROLES", "METRIC_STATE_NAMES"]
+
+ROLES = ("weight", "optimizer", "metric", "other")
+
+# State variable names of the Keras metric classes (Mean/Sum/MeanMetricWrapper: total, count; confusion-matrix
+# metrics: the four counts or an accumulator; MeanIoU: total_cm). Used together with the structural test above.
+METRIC_STATE_NAMES = frozenset({
+    "total", "count", "accumulator", "true_positives", "false_positives", "true_negatives", "false_negatives",
+    "total_cm", "total_confusion_matrix",
+})
+
+_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+_VALUE_ATTRIBUTE = "VARIABLE_VALUE"
+_ATTRIBUTE_SUFFIX = "/.ATTRIBUTES/"
+_SLOT_MARKER = "/.OPTIMIZER_SLOT/"
+_ITERATION_CHILDREN = ("iter", "_iterations", "iterations")
+_DATA_SHARD = re.compile(r"^(?P<prefix>.+)\.data-(?P<i>\d{5})-of-(?P<n>\d{5})$")
+_H5_SUFFIXES = (".h5", ".hdf5")
+_H5_TOP_LEVEL = "top_level_model_weights"
+
+_SAVE_HINT = (
+    "pass the prefix given to model.save_weights() (the files PREFIX.index and PREFIX.data-*), the .index file, "
+    "a directory holding the 'checkpoint' file, or a Keras 2 .h5 weights file"
+)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One serialized tensor."""
+
+    name: str  # the variable's own full name without ":0", e.g. "block1a_dwconv/depthwise_kernel"
+    key: str  # TF checkpoint key or HDF5 dataset path
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+    role: str  # "weight" | "optimizer" | "metric" | "other"
+
+
+class Checkpoint:
+    """An opened checkpoint: the variable listing plus on-demand reads of single tensors."""
+
+    def __init__(self, path: str, format: str, variables: list[Variable], backend: Any) -> None:
+        self.path = path
+        self.format = format
+        self.variables = variables
+        self._backend = backend
+        weights: dict[str, Variable] = {}
+        duplicates: dict[str, list[str]] = {}
+        for var in variables:
+            if var.role != "weight":
+                continue
+            if var.name in weights:
+                duplicates.setdefault(var.name, [weights[var.name].key]).append(var.key)
+            else:
+                weights[var.name] = var
+        if duplicates:
+            listing = "; ".join(f"{name!r} stored at {', '.join(keys)}" for name, keys in duplicates.items())
+            backend.close()
+            raise ConversionError(
+                f"{path}: {len(duplicates)} weight name(s) occur more than once, so weights cannot be mapped by "
+                f"name: {listing}"
+            )
+        self._weights = weights
+
+    @property
+    def weights(self) -> dict[str, Variable]:
+        """Model weights by name, in the listing's order."""
+        return dict(self._weights)
+
+    @property
+    def set_aside(self) -> list[Variable]:
+        """Everything that is not a model weight (optimizer state, metrics, other saved state)."""
+        return [var for var in self.variables if var.role != "weight"]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: var.shape for name, var in self._weights.items()}
+
+    def read(self, name: str) -> np.ndarray:
+        """Read one weight tensor from disk."""
+        var = self._weights.get(name)
+        if var is None:
+            raise ConversionError(f"{self.path}: no weight named {name!r} in this checkpoint")
+        return self.read_variable(var)
+
+    def read_variable(self, var: Variable) -> np.ndarray:
+        """Read any listed variable (also a set-aside one) from disk."""
+        if self._backend is None:
+            raise ValueError(f"checkpoint {self.path} is closed")
+        value = np.asarray(self._backend.read(var))
+        if tuple(value.shape) != var.shape:
+            raise BadInputError(
+                f"{self.path}: variable {var.name!r} ({var.key}) read with shape {tuple(value.shape)} but is listed "
+                f"with shape {var.shape}; the checkpoint is inconsistent, re-export it"
+            )
+        return value
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({self.path!r}, format={self.format!r}, weights={len(self._weights)}, "
+                f"set_aside={len(self.variables) - len(self._weights)})")
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a TF object-based checkpoint or a Keras 2 HDF5 weights file; see the module docstring."""
+    kind, resolved = _resolve(Path(os.fspath(path)).expanduser())
+    if kind == "h5":
+        return _open_h5(resolved)
+    return _open_tf(resolved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Path resolution
+
+
+def _resolve(p: Path) -> tuple[str, str]:
+    """Return ("tf", prefix) or ("h5", file)."""
+    if p.is_dir():
+        return _resolve_dir(p)
+    if p.is_file():
+        if p.name == "checkpoint":
+            return _resolve_state_file(p)
+        if p.suffix == ".index":
+            return "tf", str(p)[: -len(".index")]
+        shard = _DATA_SHARD.match(str(p))
+        if shard:
+            return "tf", shard.group("prefix")
+        if Path(str(p) + ".index").is_file():
+            return "tf", str(p)
+        if _is_hdf5(p):
+            return "h5", str(p)
+        kind = " (a .keras archive holds no variable names)" if p.suffix == ".keras" else ""
+        raise BadInputError(f"{p} is neither a TensorFlow checkpoint nor a Keras HDF5 weights file{kind}; "
+                            f"{_SAVE_HINT}")
+    if Path(str(p) + ".index").exists():
+        return "tf", str(p)
+    if p.parent.is_dir() and any(p.parent.glob(_glob_escape(p.name) + ".data-*")):
+        raise BadInputError(
+            f"{p}: found data shard(s) {p}.data-* but no index file {p}.index; a TF checkpoint needs both, copy the "
+            f".index file next to the data files"
+        )
+    also = "" if p.suffix == ".index" else f" (nor is there a checkpoint index {p.name}.index)"
+    raise BadInputError(f"{p} does not exist{also}; {_SAVE_HINT}")
+
+
+def _resolve_dir(d: Path) -> tuple[str, str]:
+    if (d / "checkpoint").is_file():
+        return _resolve_state_file(d / "checkpoint")
+    indexes = sorted(d.glob("*.index"))
+    if len(indexes) == 1:
+        return "tf", str(indexes[0])[: -len(".index")]
+    if len(indexes) > 1:
+        names = ", ".join(i.name for i in indexes)
+        raise BadInputError(f"{d} holds several checkpoints ({names}) and no 'checkpoint' file saying which is "
+                            f"current; pass the prefix of the one to convert")
+    h5s = sorted(f for f in d.iterdir() if f.suffix in _H5_SUFFIXES and f.is_file())
+    if len(h5s) == 1 and _is_hdf5(h5s[0]):
+        return "h5", str(h5s[0])
+    hint = ""
+    if (d / "saved_model.pb").is_file() and (d / "variables" / "variables.index").is_file():
+        hint = f" (this looks like a SavedModel: pass {d / 'variables' / 'variables'})"
+    raise BadInputError(f"{d} is a directory without a 'checkpoint' file or a single *.index or .h5 file{hint}; "
+                        f"{_SAVE_HINT}")
+
+
+def _resolve_state_file(state: Path) -> tuple[str, str]:
+    """Follow a TF `checkpoint` state file (text CheckpointState) to its current checkpoint prefix."""
+    try:
+        text = state.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{state}: cannot read the checkpoint state file ({err})") from err
+    match = re.search(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
+    if not match:
+        raise BadInputError(f"{state} does not name a model_checkpoint_path; pass the checkpoint prefix directly "
+                            f"(PREFIX for PREFIX.index)")
+    raw = re.sub(r"\\(.)", r"\1", match.group(1))
+    target = Path(raw)
+    candidates = [target] if target.is_absolute() else [state.parent / target]
+    candidates.append(state.parent / target.name)  # directory moved since it was written
+    for prefix in candidates:
+        if Path(str(prefix) + ".index").is_file():
+            return "tf", str(prefix)
+    raise BadInputError(f"{state} names checkpoint {raw!r}, but {candidates[0]}.index does not exist; the files "
+                        f"were moved or deleted, pass an existing checkpoint prefix")
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _is_hdf5(p: Path) -> bool:
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - h5py is a dependency
+        with open(p, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    try:
+        return bool(h5py.is_hdf5(str(p)))
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TF object-based checkpoints
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    return tf
+
+
+class _TFBackend:
+    def __init__(self, prefix: str, reader: Any) -> None:
+        self.prefix = prefix
+        self._reader = reader
+
+    def read(self, var: Variable) -> np.ndarray:
+        tf = _tf()
+        try:
+            return self._reader.get_tensor(var.key)
+        except (tf.errors.OpError, ValueError, RuntimeError) as err:
+            raise BadInputError(
+                f"{self.prefix}: cannot read variable {var.name!r} (key {var.key}): {_first_line(err)}; the data file "
+                f"is corrupted or incomplete, copy the checkpoint again"
+            ) from err
+
+    def close(self) -> None:
+        self._reader = None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _open_tf(prefix: str) -> Checkpoint:
+    index = Path(prefix + ".index")
+    if not index.is_file():
+        raise BadInputError(f"{prefix}: no index file {index}; {_SAVE_HINT}")
+    layout = _read_bundle_index(index)
+    _check_shards(prefix, index, layout)
+    tf = _tf()
+    try:
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    except (tf.errors.OpError, ValueError, RuntimeError) as err:
+        raise BadInputError(f"{index} is not a readable TF checkpoint index ({_first_line(err)}); {_SAVE_HINT}") \
+            from err
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    if _GRAPH_KEY not in shapes:
+        raise BadInputError(
+            f"{prefix} is a name-based (TF1 Saver) checkpoint without an object graph; save the model with "
+            f"TF2 model.save_weights(prefix) or tf.train.Checkpoint"
+        )
+    backend = _TFBackend(prefix, reader)
+    try:
+        raw_graph = reader.get_tensor(_GRAPH_KEY)
+    except (tf.errors.OpError, ValueError, RuntimeError) as err:
+        raise BadInputError(f"{prefix}: cannot read the checkpoint's object graph ({_first_line(err)}); the data "
+                            f"file is corrupted, copy the checkpoint again") from err
+    variables = _tf_variables(prefix, raw_graph, shapes, dtypes)
+    return Checkpoint(prefix, "tf", variables, backend)
+
+
+def _tf_variables(prefix: str, raw_graph: Any, shapes: dict, dtypes: dict) -> list[Variable]:
+    from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph
+
+    graph = TrackableObjectGraph()
+    try:
+        graph.ParseFromString(raw_graph if isinstance(raw_graph, bytes) else bytes(raw_graph))
+    except Exception as err:  # protobuf DecodeError
+        raise BadInputError(f"{prefix}: the checkpoint's object graph cannot be parsed ({err}); the checkpoint is "
+                            f"corrupted") from err
+    roles = _graph_roles(graph)
+    variables: list[Variable] = []
+    claimed = {_GRAPH_KEY}
+    for node_id, node in enumerate(graph.nodes):
+        for attr in node.attributes:
+            key = attr.checkpoint_key
+            if key in claimed:
+                continue
+            is_value = attr.name == _VALUE_ATTRIBUTE
+            if key not in shapes:
+                if is_value:
+                    raise BadInputError(f"{prefix}: the object graph lists {key} but the index holds no such "
+                                        f"tensor; the checkpoint is corrupted or incomplete")
+                continue
+            claimed.add(key)
+            name = attr.full_name or _name_from_key(key)
+            role = roles.get(node_id, _role_from_key(key)) if is_value else "other"
+            variables.append(_make_variable(name, key, shapes[key], dtypes[key], role))
+    for key in shapes:  # tensors the object graph does not describe (not expected from TF2 savers)
+        if key not in claimed:
+            variables.append(_make_variable(_name_from_key(key), key, shapes[key], dtypes[key], _role_from_key(key)))
+    variables.sort(key=lambda v: (v.name, v.key))
+    return variables
+
+
+def _make_variable(name: str, key: str, shape: Any, dtype: Any, role: str) -> Variable:
+    try:
+        np_dtype = np.dtype(dtype.as_numpy_dtype).name
+    except (AttributeError, TypeError):
+        np_dtype = str(getattr(dtype, "name", dtype))
+    return Variable(name=name, key=key, shape=tuple(int(d) for d in shape), dtype=np_dtype, role=role)
+
+
+def _name_from_key(key: str) -> str:
+    cut = key.find(_ATTRIBUTE_SUFFIX)
+    return key[:cut] if cut >= 0 else key
+
+
+def _role_from_key(key: str) -> str:
+    if _SLOT_MARKER in key or key.startswith("optimizer/"):
+        return "optimizer"
+    return "weight"
+
+
+def _graph_roles(graph: Any) -> dict[int, str]:
+    """Role of every node that is reachable from the root or is a slot variable (see the module docstring)."""
+    nodes = graph.nodes
+    if not nodes:
+        return {}
+
+    def value_attribute(node: Any) -> Any:
+        for attr in node.attributes:
+            if attr.name == _VALUE_ATTRIBUTE:
+                return attr
+        return None
+
+    def is_variable_leaf(node_id: int) -> bool:
+        node = nodes[node_id]
+        return not node.children and value_attribute(node) is not None
+
+    optimizers: set[int] = set()
+    slots: set[int] = set()
+    for child in nodes[0].children:
+        if child.local_name == "optimizer" and child.node_id != 0:
+            optimizers.add(child.node_id)
+    for node_id, node in enumerate(nodes):
+        if node.slot_variables:
+            optimizers.add(node_id)
+            slots.update(s.slot_variable_node_id for s in node.slot_variables)
+        for child in node.children:
+            if child.local_name in _ITERATION_CHILDREN and child.node_id < len(nodes) and is_variable_leaf(
+                    child.node_id):
+                full = value_attribute(nodes[child.node_id]).full_name
+                if full == "iteration" or full == "iter" or full.endswith("/iter"):
+                    optimizers.add(node_id)
+    optimizers.discard(0)
+
+    metrics: set[int] = set()
+    for node_id, node in enumerate(nodes):
+        if node_id == 0 or not node.children:
+            continue
+        if all(
+            child.node_id < len(nodes)
+            and is_variable_leaf(child.node_id)
+            and child.local_name in METRIC_STATE_NAMES
+            and value_attribute(nodes[child.node_id]).full_name == child.local_name
+            for child in node.children
+        ):
+            metrics.add(node_id)
+    metrics -= optimizers
+
+    def reach(starts: set[int] | list[int], barrier: set[int]) -> set[int]:
+        seen = set(starts)
+        queue = deque(starts)
+        while queue:
+            node_id = queue.popleft()
+            for child in nodes[node_id].children:
+                nxt = child.node_id
+                if nxt < len(nodes) and nxt not in seen and nxt not in barrier:
+                    seen.add(nxt)
+                    queue.append(nxt)
+        return seen
+
+    set_apart = optimizers | slots | metrics
+    model = reach([0], set_apart)
+    optimizer_state = reach(optimizers | slots, set())
+    metric_state = reach(metrics, set())
+    roles: dict[int, str] = {}
+    for node_id in range(len(nodes)):
+        if node_id in model:
+            roles[node_id] = "weight"
+        elif node_id in optimizer_state:
+            roles[node_id] = "optimizer"
+        elif node_id in metric_state:
+            roles[node_id] = "metric"
+    return roles
+
+
+# ---- the .index file: a LevelDB-style table of BundleEntryProto, read only to check shard files and sizes
+
+
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_SIZE = 48
+_BLOCK_TRAILER = 5
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _table_block(data: bytes, handle: bytes) -> bytes:
+    offset, pos = _varint(handle, 0)
+    size, _ = _varint(handle, pos)
+    if offset + size + _BLOCK_TRAILER > len(data):
+        raise ValueError("block past end of file")
+    if data[offset + size] != 0:
+        raise ValueError("compressed table block")
+    return data[offset:offset + size]
+
+
+def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
+    if len(block) < 4:
+        raise ValueError("short block")
+    (restarts,) = struct.unpack_from("<I", block, len(block) - 4)
+    end = len(block) - 4 - 4 * restarts
+    if end < 0:
+        raise ValueError("bad restart count")
+    pos, key = 0, b""
+    while pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        length, pos = _varint(block, pos)
+        if shared > len(key) or pos + unshared + length > end:
+            raise ValueError("bad block entry")
+        key = key[:shared] + block[pos:pos + unshared]
+        pos += unshared
+        yield key, block[pos:pos + length]
+        pos += length
+
+
+def _table_entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    if len(data) < _FOOTER_SIZE:
+        raise ValueError("file too short for a table")
+    footer = data[-_FOOTER_SIZE:]
+    (magic,) = struct.unpack_from("<Q", footer, _FOOTER_SIZE - 8)
+    if magic != _TABLE_MAGIC:
+        raise ValueError("bad table magic")
+    _, pos = _varint(footer, 0)  # metaindex handle: offset, size
+    _, pos = _varint(footer, pos)
+    index_block = _table_block(data, footer[pos:])
+    for _, handle in _block_entries(index_block):
+        yield from _block_entries(_table_block(data, handle))
+
+
+@dataclass
+class _BundleLayout:
+    num_shards: int
+    extents: dict[int, list[tuple[int, str]]]  # shard -> [(offset + size, key)] of the tensors stored there
+
+
+def _read_bundle_index(index: Path) -> _BundleLayout | None:
+    """Shard count and tensor extents from the index, or None if this small reader cannot parse it (TF decides)."""
+    try:
+        data = index.read_bytes()
+    except OSError as err:
+        raise BadInputError(f"{index}: cannot read the index file ({err})") from err
+    from tensorflow.core.protobuf import tensor_bundle_pb2
+
+    try:
+        num_shards = None
+        extents: dict[int, list[tuple[int, str]]] = {}
+        for key, value in _table_entries(data):
+            if key == b"":
+                header = tensor_bundle_pb2.BundleHeaderProto()
+                header.ParseFromString(value)
+                num_shards = header.num_shards
+                continue
+            entry = tensor_bundle_pb2.BundleEntryProto()
+            entry.ParseFromString(value)
+            if entry.slices:  # a partitioned tensor's table of slices; the slices have their own entries
+                continue
+            extents.setdefault(entry.shard_id, []).append((entry.offset + entry.size, key.decode("utf-8", "replace")))
+    except Exception:  # not parseable by this small reader: let TF's own reader judge the file
+        return None
+    if num_shards is None:
+        return None
+    return _BundleLayout(num_shards=num_shards, extents=extents)
+
+
+def _shard_path(prefix: str, i: int, n: int) -> Path:
+    return Path(f"{prefix}.data-{i:05d}-of-{n:05d}")
+
+
+def _check_shards(prefix: str, index: Path, layout: _BundleLayout | None) -> None:
+    if layout is None:
+        found = list(Path(prefix).parent.glob(_glob_escape(Path(prefix).name) + ".data-*-of-*"))
+        if not found:
+            raise BadInputError(f"{prefix}: the index {index} has no data file {prefix}.data-*-of-*; copy the "
+                                f"data shard(s) next to the index")
+        return
+    missing = [str(_shard_path(prefix, i, layout.num_shards)) for i in range(layout.num_shards)
+               if not _shard_path(prefix, i, layout.num_shards).is_file()]
+    if missing:
+        raise BadInputError(f"{prefix}: {len(missing)} of {layout.num_shards} data shard(s) missing: "
+                            f"{', '.join(missing)}; copy every PREFIX.data-* file that belongs to {index.name}")
+    for shard, extents in sorted(layout.extents.items()):
+        if shard >= layout.num_shards:
+            raise BadInputError(f"{index} refers to data shard {shard} but says there are {layout.num_shards}; "
+                                f"the index is corrupted")
+        path = _shard_path(prefix, shard, layout.num_shards)
+        size = path.stat().st_size
+        needed = max(end for end, _ in extents)
+        if size < needed:
+            cut = sorted(_name_from_key(key) for end, key in extents if end > size)
+            shown = ", ".join(repr(k) for k in cut[:3]) + (", ..." if len(cut) > 3 else "")
+            raise BadInputError(
+                f"{path} is truncated: {size} bytes, but the index needs {needed}; {len(cut)} of {len(extents)} "
+                f"tensors lie past its end ({shown}); copy the checkpoint again"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keras 2 HDF5
+
+
+class _H5Backend:
+    def __init__(self, path: str, handle: Any) -> None:
+        self.path = path
+        self._file = handle
+
+    def read(self, var: Variable) -> np.ndarray:
+        try:
+            return self._file[var.key][()]
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            raise BadInputError(f"{self.path}: cannot read variable {var.name!r} ({var.key}): {err}; the file is "
+                                f"corrupted or incomplete, copy it again") from err
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+
+
+def _h5_names(group: Any, attr: str) -> list[str] | None:
+    """A Keras string-list attribute, possibly split into `attr0`, `attr1`, ... when larger than 64 KB."""
+    if attr in group.attrs:
+        values = list(np.atleast_1d(group.attrs[attr]))
+    elif f"{attr}0" in group.attrs:
+        values, chunk = [], 0
+        while f"{attr}{chunk}" in group.attrs:
+            values.extend(np.atleast_1d(group.attrs[f"{attr}{chunk}"]))
+            chunk += 1
+    else:
+        return None
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _strip_suffix(name: str) -> str:
+    return re.sub(r":\d+$", "", name)
+
+
+def _open_h5(path: str) -> Checkpoint:
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot open as HDF5 ({err}); the file is truncated or not a Keras weights "
+                            f"file") from err
+    try:
+        variables = _h5_variables(path, handle)
+    except BadInputError:
+        handle.close()
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        handle.close()
+        raise BadInputError(f"{path}: cannot read the HDF5 structure ({err}); the file is corrupted") from err
+    return Checkpoint(path, "h5", variables, _H5Backend(path, handle))
+
+
+def _h5_variables(path: str, handle: Any) -> list[Variable]:
+    import h5py
+
+    sections: list[tuple[Any, str]] = []
+    if "model_weights" in handle and isinstance(handle["model_weights"], h5py.Group):
+        sections.append((handle["model_weights"], "weight"))  # whole-model file from model.save("x.h5")
+    elif _h5_names(handle, "layer_names") is not None:
+        sections.append((handle, "weight"))
+    if not sections:
+        raise BadInputError(
+            f"{path} is an HDF5 file but not Keras 2 weights (no layer_names attribute; Keras 3 .weights.h5 files "
+            f"carry no variable names); save the model with tf_keras model.save_weights() instead"
+        )
+    variables: list[Variable] = []
+    for root, role in sections:
+        layer_names = _h5_names(root, "layer_names") or []
+        groups = [n for n in layer_names if n in root]
+        groups += sorted(n for n in root if n not in layer_names and _h5_names(root[n], "weight_names") is not None)
+        for group_name in groups:
+            variables.extend(_h5_group_variables(path, root[group_name], role))
+    if "optimizer_weights" in handle:
+        variables.extend(_h5_group_variables(path, handle["optimizer_weights"], "optimizer"))
+    variables.sort(key=lambda v: (v.name, v.key))
+    return variables
+
+
+def _h5_group_variables(path: str, group: Any, role: str) -> list[Variable]:
+    out = []
+    for weight_name in _h5_names(group, "weight_names") or []:
+        if weight_name not in group:
+            raise BadInputError(f"{path}: group {group.name} lists weight {weight_name!r} but holds no such "
+                                f"dataset; the file is corrupted or incomplete")
+        dataset = group[weight_name]
+        out.append(Variable(name=_strip_suffix(weight_name), key=dataset.name, shape=tuple(dataset.shape),
+                            dtype=dataset.dtype.name, role=role))
+    return out
