@@ -78,6 +78,9 @@ def main(argv=None) -> int:
           f"{c.hf_tensors_written}/{c.hf_tensors_total} HF tensors written ({len(c.derived)} derived), "
           f"{result.set_aside} optimizer/metric variables set aside")
     print(f"parity: {p.describe()}  -> {'OK' if p.ok else 'FAILED'}")
+    if result.reference_max_abs:
+        print("against the reference outputs given: " +
+              ", ".join(f"{k} max|Δ| {v:.2e}" for k, v in result.reference_max_abs.items()))
     if result.saved_to:
         print(f"saved to {result.saved_to} (reload max|Δ| {result.reload_max_abs:.1e})")
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))

@@ -63,3 +63,41 @@ def compare_embeddings(keras: dict, hf: dict, temperature_checkpoint: float, tem
         temperature_hf=float(temperature_hf),
         atol=atol,
     )
+
+
+def to_keras_layout(torch_array: np.ndarray, keras_shape: tuple[int, ...]) -> np.ndarray:
+    """A torch activation in Keras layout: NCHW -> NHWC, then singleton axes reconciled by a reshape."""
+    a = np.transpose(torch_array, (0, 2, 3, 1)) if torch_array.ndim == 4 else torch_array
+    if tuple(a.shape) != tuple(keras_shape) and a.size == int(np.prod(keras_shape)):
+        a = a.reshape(keras_shape)
+    return a
+
+
+def to_torch_layout(keras_array: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
+    """A Keras activation in torch layout: NHWC -> NCHW, then singleton axes reconciled by a reshape."""
+    a = np.transpose(keras_array, (0, 3, 1, 2)) if keras_array.ndim == 4 and len(torch_shape) == 4 else keras_array
+    if tuple(a.shape) != tuple(torch_shape) and a.size == int(np.prod(torch_shape)):
+        a = a.reshape(torch_shape)
+    return a
+
+
+@dataclass
+class Divergence:
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+
+
+def divergence(reference: np.ndarray, candidate: np.ndarray) -> Divergence:
+    """How far `candidate` is from `reference` (same shape), in float64."""
+    r = np.asarray(reference, np.float64).ravel()
+    c = np.asarray(candidate, np.float64).ravel()
+    d = c - r
+    rn, cn = np.linalg.norm(r), np.linalg.norm(c)
+    return Divergence(
+        max_abs=float(np.max(np.abs(d))) if d.size else 0.0,
+        mean_abs=float(np.mean(np.abs(d))) if d.size else 0.0,
+        rel_l2=float(np.linalg.norm(d) / max(rn, 1e-30)),
+        cosine=float(np.dot(r, c) / max(rn * cn, 1e-30)) if rn and cn else float(rn == cn),
+    )

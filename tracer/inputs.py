@@ -25,7 +25,7 @@ import importlib.util
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +44,8 @@ DEFAULT_TEXTS = ("a photo of a cat", "a photo of a dog", "a diagram of coloured 
 
 NPZ_REQUIRED = ("pixel_values", "input_ids", "attention_mask")
 NPZ_OPTIONAL = ("token_type_ids", "texts")
+# The original model's outputs on these inputs, as the shared fixtures store them: kept to compare against.
+NPZ_REFERENCE = ("image_features", "text_features", "image_embeds", "text_embeds", "temperature")
 
 
 # --------------------------------------------------------------------------------------------------- vocabulary
@@ -189,6 +191,7 @@ class Inputs:
     token_type_ids: np.ndarray
     texts: list[str] | None = None
     source: str = ""
+    reference: dict[str, np.ndarray] = field(default_factory=dict)  # the original model's outputs, when given
 
     @property
     def num_images(self) -> int:
@@ -354,9 +357,9 @@ def inputs_from_npz(path: str, seq_length: int = SEQ_LENGTH, image_size: int = I
     if missing:
         raise BadInputError(f"{src}: missing key(s) {missing}; required {list(NPZ_REQUIRED)}, "
                             f"optional {list(NPZ_OPTIONAL)}; found {sorted(arrays)}")
-    unknown = sorted(set(arrays) - set(NPZ_REQUIRED) - set(NPZ_OPTIONAL))
+    unknown = sorted(set(arrays) - set(NPZ_REQUIRED) - set(NPZ_OPTIONAL) - set(NPZ_REFERENCE))
     if unknown:
-        raise BadInputError(f"{src}: unknown key(s) {unknown}; allowed {list(NPZ_REQUIRED + NPZ_OPTIONAL)}")
+        raise BadInputError(f"{src}: unknown key(s) {unknown}; allowed {list(NPZ_REQUIRED + NPZ_OPTIONAL + NPZ_REFERENCE)}")
 
     # ---- pixels
     px = arrays["pixel_values"]
@@ -418,8 +421,9 @@ def inputs_from_npz(path: str, seq_length: int = SEQ_LENGTH, image_size: int = I
             raise _fail(src, "texts", f"{shape[0]} strings, shape ({shape[0]},)", f"dtype {t.dtype}, shape {t.shape}")
         texts = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in t.tolist()]
 
+    reference = {k: np.asarray(arrays[k], dtype=np.float32) for k in NPZ_REFERENCE if k in arrays}
     return Inputs(pixel_values_nhwc=pixels, input_ids=input_ids, attention_mask=mask, token_type_ids=types,
-                  texts=texts, source=f"npz:{p}")
+                  texts=texts, source=f"npz:{p}", reference=reference)
 
 
 # --------------------------------------------------------------------------------------------------- defaults

@@ -61,6 +61,7 @@ class ConversionResult:
     timings: dict[str, float]
     saved_to: Path | None = None
     reload_max_abs: float | None = None
+    reference_max_abs: dict[str, float] = field(default_factory=dict)  # HF vs the original's outputs, if given
     model: torch.nn.Module | None = field(default=None, repr=False)
 
 
@@ -77,11 +78,12 @@ def check_destination(path: Path, overwrite: bool) -> None:
         raise BadInputError(f"cannot write into {parent} (read-only or no permission)")
 
 
-def load_inputs(options: ConvertOptions, processor) -> Inputs:
+def load_inputs(options: ConvertOptions, processor, spec: AlignSpec) -> Inputs:
     if options.inputs_file and (options.images or options.texts):
         raise BadInputError("--inputs gives exact arrays; do not combine it with --image/--text")
     if options.inputs_file:
-        return inputs_from_npz(options.inputs_file, seq_length=options.seq_length, image_size=options.image_size)
+        return inputs_from_npz(options.inputs_file, seq_length=options.seq_length, image_size=options.image_size,
+                               vocab_size=spec.text.vocab_size, type_vocab_size=spec.text.type_vocab_size)
     if options.images or options.texts:
         if not (options.images and options.texts):
             raise BadInputError("give both --image and --text (each repeatable), or neither to use the defaults")
@@ -148,7 +150,7 @@ def convert(options: ConvertOptions) -> ConversionResult:
 
     with stage("prepare inputs", timings):
         processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size, options.seq_length)
-        inputs = load_inputs(options, processor)
+        inputs = load_inputs(options, processor, spec)
 
     with stage("build Keras reference", timings):
         keras_model = build_reference(spec)
@@ -172,9 +174,13 @@ def convert(options: ConvertOptions) -> ConversionResult:
     parity = compare_embeddings(keras_out, hf_out, temperature, float(hf_model.temperature.detach()), options.atol)
     result = ConversionResult(spec, weight_map.entries, coverage, parity, len(checkpoint.set_aside), timings,
                               model=hf_model)
+    result.reference_max_abs = {k: max_abs(v, hf_out[k]) for k, v in inputs.reference.items() if k in hf_out}
     checkpoint.close()
     if not parity.ok:
         raise ParityError(f"the converted model does not match the checkpoint: {parity.describe()}")
+    off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and v > options.atol}
+    if off:
+        raise ParityError(f"the converted model does not match the reference outputs in {inputs.source}: {off}")
 
     if options.save_model:
         with stage("save", timings):
@@ -185,7 +191,7 @@ def convert(options: ConvertOptions) -> ConversionResult:
             reloaded = AlignModel.from_pretrained(result.saved_to).eval()
             again = hf_embed(reloaded, inputs)
             result.reload_max_abs = max(max_abs(again[k], hf_out[k]) for k in ("image_embeds", "text_embeds"))
-            if result.reload_max_abs > 0 or float(reloaded.temperature) != float(hf_model.temperature):
+            if result.reload_max_abs > 0 or float(reloaded.temperature.detach()) != float(hf_model.temperature.detach()):
                 raise ParityError(f"the saved model reloads differently (max|Δ| {result.reload_max_abs:.2e})")
     if options.push_to_hub:
         with stage("push to hub", timings):
