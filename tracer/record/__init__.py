@@ -1,0 +1,95 @@
+"""What a recorder produces: one `Record` per layer call, in execution order, for either framework.
+
+Both recorders emit post-order (a container after its children), so the two sequences can be aligned.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Class name -> normalised kind. Kinds are what pairing compares; classes not listed are containers.
+LEAF_KINDS = {
+    # Keras
+    "Conv2D": "conv", "DepthwiseConv2D": "depthwise", "BatchNormalization": "batchnorm", "Dense": "linear",
+    "LayerNormalization": "layernorm", "Embedding": "embedding", "Activation": "activation",
+    "ZeroPadding2D": "pad", "Rescaling": "rescale", "Normalization": "rescale", "Dropout": "dropout",
+    "Reshape": "reshape", "Add": "add", "Multiply": "multiply", "GlobalAveragePooling2D": "pool",
+    "InputLayer": "input", "TFOpLambda": "op", "SlicingOpLambda": "op",
+    # PyTorch
+    "Conv2d": "conv", "AlignVisionDepthwiseConv2d": "depthwise", "BatchNorm2d": "batchnorm", "Linear": "linear",
+    "LayerNorm": "layernorm", "ZeroPad2d": "pad", "AdaptiveAvgPool2d": "pool", "AvgPool2d": "pool",
+    "SiLU": "activation", "Sigmoid": "activation", "Tanh": "activation", "GELUActivation": "activation",
+    "GELU": "activation", "NewGELUActivation": "activation", "ReLU": "activation",
+}
+# Kinds that compute nothing worth pairing, or whose work the other framework does elsewhere.
+GAP_KINDS = {"dropout", "reshape", "add", "multiply", "rescale", "input", "op", "container"}
+WEIGHTED_KINDS = {"conv", "depthwise", "batchnorm", "linear", "layernorm", "embedding"}
+_CLASS_PREFIXES = re.compile(r"^(TFBert|AlignText|AlignVision|Align|TF)")
+
+
+def kind_of(class_name: str) -> str:
+    return LEAF_KINDS.get(class_name, "container")
+
+
+def role_of(class_name: str) -> str:
+    """A container's role across frameworks: `TFBertSelfOutput` and `AlignTextSelfOutput` are both `SelfOutput`."""
+    return _CLASS_PREFIXES.sub("", class_name)
+
+
+@dataclass
+class Record:
+    framework: str  # "keras" | "torch"
+    tower: str  # "vision" | "text"
+    order: int  # execution order within the tower
+    path: str  # Keras layer path, or torch module name
+    cls: str  # class name
+    kind: str  # normalised kind (see LEAF_KINDS), "container" otherwise
+    shape: tuple[int, ...]  # first output's shape, in the framework's own layout
+    dtype: str
+    variables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # own weights: name -> shape
+    activation: str | None = None  # an activation fused into the layer (Keras `activation=`) or the function
+    role: str = ""  # container role ("Layer", "SelfOutput", "block"); leaves use their kind
+    output: np.ndarray | None = field(default=None, repr=False)
+    input: np.ndarray | None = field(default=None, repr=False)  # the first tensor the layer received (Keras)
+    inputs: tuple = field(default=(), repr=False)  # every positional tensor it received
+    input_kwargs: dict = field(default_factory=dict, repr=False)  # tensors it received by name (attention_mask)
+
+    @property
+    def is_container(self) -> bool:
+        return self.kind == "container"
+
+    @property
+    def channels_first(self) -> bool:
+        return self.framework == "torch" and len(self.shape) == 4
+
+
+def nhwc_shape(record: Record) -> tuple[int, ...]:
+    """The record's output shape in Keras (channels-last) layout."""
+    s = record.shape
+    return (s[0], s[2], s[3], s[1]) if record.channels_first else s
+
+
+def first_array(value) -> np.ndarray | None:
+    """The first tensor in a layer's output (tensor, tuple, dict or ModelOutput), as numpy."""
+    if value is None:
+        return None
+    if hasattr(value, "numpy") and not isinstance(value, (dict, tuple, list)):
+        return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy())
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, dict):
+        values = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        values = list(value)
+    elif hasattr(value, "to_tuple"):
+        values = list(value.to_tuple())
+    else:
+        return None
+    for v in values:
+        arr = first_array(v)
+        if arr is not None:
+            return arr
+    return None

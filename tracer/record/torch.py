@@ -1,0 +1,71 @@
+"""Record every module call of an `AlignModel` (leaves and containers) with forward hooks."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from . import Record, first_array, kind_of, role_of
+
+ACTIVATION_NAMES = {"SiLU": "swish", "Sigmoid": "sigmoid", "Tanh": "tanh", "GELUActivation": "gelu",
+                    "GELU": "gelu", "NewGELUActivation": "gelu_new", "ReLU": "relu"}
+
+
+def tower_of(name: str) -> str | None:
+    if name.startswith("vision_model"):
+        return "vision"
+    if name.startswith(("text_model", "text_projection")):
+        return "text"
+    return None
+
+
+def _kind(module: torch.nn.Module) -> str:
+    kind = kind_of(type(module).__name__)
+    if kind == "conv" and module.groups > 1 and module.groups == module.in_channels:
+        return "depthwise"
+    return kind
+
+
+def _own_tensors(name: str, module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    own = dict(module.named_parameters(recurse=False))
+    own.update((k, b) for k, b in module.named_buffers(recurse=False) if k not in module._non_persistent_buffers_set)
+    return {f"{name}.{k}": tuple(t.shape) for k, t in own.items() if not k.endswith("num_batches_tracked")}
+
+
+@contextmanager
+def recording(model: torch.nn.Module, keep_outputs: bool = True):
+    """Within the block, every module call of `model` appends a Record to the yielded list."""
+    records: list[Record] = []
+    counters: dict[str, int] = {}
+
+    def hook(module, args, output, name):
+        tower = tower_of(name)
+        array = first_array(output)
+        if tower is None or array is None:
+            return
+        cls = type(module).__name__
+        kind = _kind(module)
+        records.append(Record(
+            framework="torch", tower=tower, order=counters.setdefault(tower, 0), path=name, cls=cls, kind=kind,
+            shape=tuple(array.shape), dtype=str(array.dtype), variables=_own_tensors(name, module),
+            activation=ACTIVATION_NAMES.get(cls), role=role_of(cls) if kind == "container" else kind,
+            output=array.copy() if keep_outputs else None,
+        ))
+        counters[tower] += 1
+
+    handles = [m.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n))
+               for name, m in model.named_modules() if name]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True) -> list[Record]:
+    """One forward per tower, as `AlignModel.forward` computes them; records for both towers."""
+    with recording(model, keep_outputs) as records, torch.inference_mode():
+        model.get_image_features(pixel_values=inputs.torch_pixel_values())
+        model.get_text_features(**inputs.torch_text())
+    return records
