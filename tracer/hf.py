@@ -75,6 +75,26 @@ def _derived_buffer(name: str, buffer: torch.Tensor) -> torch.Tensor:
     raise ConversionError(f"non-persistent buffer `{name}` has no known derivation")
 
 
+def rebuild_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers (position ids) are in no checkpoint: rebuild them on the CPU."""
+    for module_name, module in model.named_modules():
+        for buf_name in list(module._non_persistent_buffers_set):
+            full = f"{module_name}.{buf_name}" if module_name else buf_name
+            module._buffers[buf_name] = _derived_buffer(full, module._buffers[buf_name])
+
+
+def materialize_uninitialized(model: torch.nn.Module) -> torch.nn.Module:
+    """Give a meta model real but uninitialised storage: enough to run it for shapes and call order."""
+    model.to_empty(device="cpu")
+    rebuild_buffers(model)
+    return model
+
+
+def hf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Tensors that need a checkpoint value: every persistent one except those derived."""
+    return {k: s for k, (s, _) in expected_state(model).items() if _derived_state(k, s, torch.float32) is None}
+
+
 def write_state(model: AlignModel, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Write every parameter and buffer strictly; returns the saved tensors derived rather than read.
 
@@ -107,10 +127,7 @@ def write_state(model: AlignModel, tensors: Mapping[str, torch.Tensor]) -> list[
         raise ConversionError("strict writing failed: " + "; ".join(problems))
 
     model.load_state_dict(state, strict=True, assign=True)
-    for module_name, module in model.named_modules():
-        for buf_name in list(module._non_persistent_buffers_set):
-            full = f"{module_name}.{buf_name}" if module_name else buf_name
-            module._buffers[buf_name] = _derived_buffer(full, module._buffers[buf_name])
+    rebuild_buffers(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ConversionError(f"tensors still unwritten after loading: {left[:20]}")

@@ -87,8 +87,8 @@ def reconcile(table: WeightMap | None, inferred: Inference, mode: str) -> tuple[
     """
     by_table = table.by_variable() if table else {}
     by_infer = {e.variable: e for e in inferred.entries}
-    names = list(dict.fromkeys([*(e.variable for e in table.entries)] if table else [])
-                 + [e.variable for e in inferred.entries])
+    names = list(dict.fromkeys([*(e.variable for e in table.entries)] if table else []))
+    names += [e.variable for e in inferred.entries if e.variable not in by_table]
     chosen, conflicts = [], []
     for name in names:
         t, i = by_table.get(name), by_infer.get(name)

@@ -233,6 +233,11 @@ class Inputs:
             "token_type_ids": self.token_type_ids.astype(dtype),
         }
 
+    def head(self, n: int) -> "Inputs":
+        """The first n images and texts (a cheap run for shapes and call order)."""
+        return Inputs(self.pixel_values_nhwc[:n], self.input_ids[:n], self.attention_mask[:n],
+                      self.token_type_ids[:n], self.texts[:n] if self.texts else None, self.source)
+
     def describe(self) -> str:
         return (f"{self.num_images} image(s) {self.image_size}x{self.image_size}, {self.num_texts} text(s) of "
                 f"{self.seq_length} tokens, from {self.source}")

@@ -63,9 +63,9 @@ def weight_signature(record: Record | None) -> tuple:
 
 
 def shape_key(record: Record) -> tuple[int, ...]:
-    """Output shape in channels-last layout with singleton axes (but the batch) dropped."""
-    s = nhwc_shape(record)
-    return (s[0], *(d for d in s[1:] if d != 1)) if s else ()
+    """Output shape in channels-last layout, without the batch axis (a recording may use a smaller batch)
+    and without singleton axes (Keras pools to (N, C) where torch keeps (N, C, 1, 1))."""
+    return tuple(d for d in nhwc_shape(record)[1:] if d != 1)
 
 
 def gap_cost(record: Record) -> float:

@@ -18,8 +18,8 @@ import torch
 
 from . import hf as hf_side
 from .checkpoint import open_checkpoint
-from .compare import DEFAULT_ATOL, Parity, compare_embeddings, max_abs
-from .errors import BadInputError, ParityError, TracerError
+from .compare import DEFAULT_ATOL, Parity, compare_embeddings, layer_rows, max_abs
+from .errors import BadInputError, ConversionError, ParityError, TracerError
 from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
 from .mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
@@ -49,6 +49,9 @@ class ConvertOptions:
     allow_nonfinite: bool = False
     image_size: int = 289
     seq_length: int = 64
+    trace: bool = False
+    mapping: str | None = None  # table | infer | auto (default: auto with --trace, table without)
+    report_dir: str | None = None
 
 
 @dataclass
@@ -63,6 +66,9 @@ class ConversionResult:
     reload_max_abs: float | None = None
     reference_max_abs: dict[str, float] = field(default_factory=dict)  # HF vs the original's outputs, if given
     model: torch.nn.Module | None = field(default=None, repr=False)
+    rows: list[dict] = field(default_factory=list)  # per-layer divergence, when traced
+    conflicts: list[str] = field(default_factory=list)
+    report: Path | None = None
 
 
 def check_destination(path: Path, overwrite: bool) -> None:
@@ -124,10 +130,76 @@ def save_atomically(model, processor, destination: Path, overwrite: bool) -> Pat
     return destination
 
 
+def _mode(options: ConvertOptions) -> str:
+    mode = options.mapping or ("auto" if options.trace else "table")
+    if mode not in ("table", "infer", "auto"):
+        raise BadInputError(f"--mapping must be table, infer or auto, not {mode!r}")
+    if mode != "table" and not options.trace:
+        raise BadInputError(f"--mapping {mode} infers from a trace: add --trace")
+    if mode == "infer" and options.mapping_file:
+        raise BadInputError("--mapping infer uses no table: drop --mapping_file, or use --mapping auto")
+    return mode
+
+
+def l2_normalize(features: np.ndarray) -> np.ndarray:
+    return features / np.linalg.norm(features, axis=-1, keepdims=True)
+
+
+def trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings):
+    """Record both models, pair their layers, infer and confirm the mapping, copy the weights, compare."""
+    from .infer import infer_mapping, reconcile
+    from .keras_ref.align import reference_variables
+    from .pairing import pair_records
+    from .record.keras import record_keras
+    from .record.torch import record_torch
+
+    keras_vars = reference_variables(keras_model)
+    with stage("assign Keras weights", timings):
+        transfer(checkpoint.read, list(shapes), None, None, keras_vars, options.allow_nonfinite)
+    with stage("trace Keras", timings):
+        keras_records = record_keras(keras_model, inputs)
+    with stage("trace HF call order", timings):
+        # Shapes and call order only: uninitialised storage and a single example are enough.
+        hf_side.materialize_uninitialized(hf_model)
+        shape_records, _ = record_torch(hf_model, inputs.head(1), keep_outputs=False)
+    with stage("pair and infer", timings):
+        pairs = pair_records(keras_records, shape_records)
+        inference = infer_mapping(pairs, shapes, hf_side.hf_shapes(hf_model))
+        weight_map, conflicts = reconcile(table, inference, mode)
+    with stage("copy weights", timings):
+        mapped = [e.variable for e in weight_map.entries]
+        unmapped = [n for n in shapes if n not in mapped]
+        coverage = transfer(lambda n: keras_vars[n].numpy(), list(shapes), weight_map, hf_model,
+                            allow_nonfinite=True) if not (conflicts or unmapped) else None
+    if coverage is None:
+        return weight_map, conflicts, unmapped, None, None, None, []
+    with stage("trace HF", timings):
+        torch_records, hf_features = record_torch(hf_model, inputs)
+        pairs = pair_records(keras_records, torch_records)
+    with stage("compare layers", timings):
+        rows = layer_rows(pairs, weight_map.entries, spec.vision.block_names())
+        mark_mismatches(weight_map.entries, rows)
+    keras_features = {"image_features": [r for r in keras_records if r.tower == "vision"][-1].output,
+                      "text_features": [r for r in keras_records if r.tower == "text"][-1].output}
+    keras_out = {**keras_features, **{k.replace("features", "embeds"): l2_normalize(v)
+                                      for k, v in keras_features.items()}}
+    hf_out = {**hf_features, **{k.replace("features", "embeds"): l2_normalize(v) for k, v in hf_features.items()}}
+    return weight_map, conflicts, unmapped, coverage, keras_out, hf_out, rows
+
+
+def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:
+    """A `confirmed` entry whose layer's own output does not match is not confirmed: mark it `mismatch`."""
+    faulty = {v.split(" -> ")[0] for r in rows if r["status"] == "diverged" for v in r["weights"].split("; ") if v}
+    for e in entries:
+        if e.status == "confirmed" and e.variable in faulty:
+            e.status = "mismatch"
+
+
 def convert(options: ConvertOptions) -> ConversionResult:
     from .keras_ref.align import build_reference, embed, reference_variables  # heavy: imports TensorFlow
 
     timings: dict[str, float] = {}
+    mode = _mode(options)
     destination = Path(options.pytorch_dump_folder_path)
     if options.save_model:
         check_destination(destination, options.overwrite)
@@ -143,10 +215,11 @@ def convert(options: ConvertOptions) -> ConversionResult:
         logger.info("derived: EfficientNet width %s depth %s (%d blocks), BERT %d×%d, projection %d",
                     spec.vision.width_coefficient, spec.vision.depth_coefficient, spec.vision.num_blocks,
                     spec.text.num_layers, spec.text.hidden_size, spec.embed_dim)
+        table = None
         if options.mapping_file:
-            weight_map = map_by_file(shapes, read_mapping(options.mapping_file))
-        else:
-            weight_map = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
+            table = map_by_file(shapes, read_mapping(options.mapping_file))
+        elif mode != "infer":
+            table = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
 
     with stage("prepare inputs", timings):
         processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size, options.seq_length)
@@ -156,26 +229,45 @@ def convert(options: ConvertOptions) -> ConversionResult:
         keras_model = build_reference(spec)
     with stage("build HF model", timings):
         hf_model = hf_side.build_empty(hf_side.align_config(spec))
-    with stage("copy weights", timings):
-        coverage = transfer(
-            checkpoint.read, list(shapes), weight_map, hf_model,
-            keras_variables=reference_variables(keras_model), allow_nonfinite=options.allow_nonfinite,
-        )
-        temperature = float(checkpoint.read(spec.temperature_name))
-        hf_model.config.temperature_init_value = temperature
-    if options.mapping_out:
-        write_mapping(weight_map.entries, options.mapping_out)
 
-    with stage("run Keras", timings):
-        keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
-                          inputs.token_type_ids)
-    with stage("run HF", timings):
-        hf_out = hf_embed(hf_model, inputs)
+    rows, conflicts = [], []
+    if options.trace:
+        weight_map, conflicts, unmapped, coverage, keras_out, hf_out, rows = trace(
+            checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings)
+        if options.mapping_out:
+            write_mapping(weight_map.entries, options.mapping_out)
+        if conflicts:
+            raise ConversionError(f"{len(conflicts)} mapping conflict(s) between the table and the tracer: "
+                                  + "; ".join(conflicts[:10]))
+        if coverage is None:
+            raise ConversionError(f"{len(unmapped)} checkpoint weight(s) could not be mapped: {unmapped[:20]}")
+    else:
+        weight_map = table
+        with stage("copy weights", timings):
+            coverage = transfer(
+                checkpoint.read, list(shapes), weight_map, hf_model,
+                keras_variables=reference_variables(keras_model), allow_nonfinite=options.allow_nonfinite,
+            )
+        if options.mapping_out:
+            write_mapping(weight_map.entries, options.mapping_out)
+        with stage("run Keras", timings):
+            keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
+                              inputs.token_type_ids)
+        with stage("run HF", timings):
+            hf_out = hf_embed(hf_model, inputs)
+    temperature = float(checkpoint.read(spec.temperature_name))
+    hf_model.config.temperature_init_value = temperature
     parity = compare_embeddings(keras_out, hf_out, temperature, float(hf_model.temperature.detach()), options.atol)
     result = ConversionResult(spec, weight_map.entries, coverage, parity, len(checkpoint.set_aside), timings,
-                              model=hf_model)
+                              model=hf_model, rows=rows, conflicts=conflicts)
     result.reference_max_abs = {k: max_abs(v, hf_out[k]) for k, v in inputs.reference.items() if k in hf_out}
     checkpoint.close()
+    if options.trace:
+        with stage("report", timings):
+            from .report import default_run_name, write_report
+
+            where = options.report_dir or Path("reports") / default_run_name(options.checkpoint_path)
+            result.report = write_report(result, where, options.checkpoint_path)
     if not parity.ok:
         raise ParityError(f"the converted model does not match the checkpoint: {parity.describe()}")
     off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and v > options.atol}
@@ -190,7 +282,7 @@ def convert(options: ConvertOptions) -> ConversionResult:
 
             reloaded = AlignModel.from_pretrained(result.saved_to).eval()
             again = hf_embed(reloaded, inputs)
-            result.reload_max_abs = max(max_abs(again[k], hf_out[k]) for k in ("image_embeds", "text_embeds"))
+            result.reload_max_abs = max(max_abs(again[k], hf_out[k]) for k in ("image_features", "text_features"))
             if result.reload_max_abs > 0 or float(reloaded.temperature.detach()) != float(hf_model.temperature.detach()):
                 raise ParityError(f"the saved model reloads differently (max|Δ| {result.reload_max_abs:.2e})")
     if options.push_to_hub:

@@ -11,7 +11,7 @@ import torch
 
 from .errors import BadInputError, ConversionError
 from .hf import write_state
-from .mapping import WeightMap
+from .mapping import Entry, WeightMap
 from .progress import progress
 from .transforms import get_transform
 
@@ -34,17 +34,20 @@ class Coverage:
 def transfer(
     read: Callable[[str], np.ndarray],
     checkpoint_names: list[str],
-    weight_map: WeightMap,
-    hf_model: torch.nn.Module,
+    weight_map: WeightMap | None,
+    hf_model: torch.nn.Module | None,
     keras_variables: Mapping[str, object] | None = None,
     allow_nonfinite: bool = False,
-) -> Coverage:
-    """Write every mapped checkpoint weight into the HF model (and the Keras reference, when given).
+) -> Coverage | None:
+    """Write every checkpoint weight into the HF model (through `weight_map`) and/or the Keras reference
+    (by name), reading each tensor once.
 
     Strict both ways: a checkpoint weight no entry uses, a Keras variable left unassigned and an HF tensor left
     unwritten are all errors that name the tensors.
     """
-    if weight_map.unmatched:
+    if weight_map is None:  # Keras only: every checkpoint weight, by its own name
+        weight_map = WeightMap([Entry(n, "", "identity") for n in checkpoint_names])
+    elif weight_map.unmatched:
         raise ConversionError(
             f"{len(weight_map.unmatched)} checkpoint weight(s) have no mapping: {weight_map.unmatched[:20]}"
         )
@@ -72,9 +75,10 @@ def transfer(
                     f"`{entry.variable}`: checkpoint shape {array.shape}, reference model shape {tuple(var.shape)}"
                 )
             var.assign(array)
-        value = get_transform(entry.transform)(array)
-        entry.hf_shape = tuple(value.shape)
-        tensors[entry.parameter] = torch.from_numpy(value)
+        if hf_model is not None:
+            value = get_transform(entry.transform)(array)
+            entry.hf_shape = tuple(value.shape)
+            tensors[entry.parameter] = torch.from_numpy(value)
     if nonfinite:
         if not allow_nonfinite:
             raise BadInputError(
@@ -82,6 +86,8 @@ def transfer(
             )
         logger.warning("converting %d weight(s) that hold NaN or Inf: %s", len(nonfinite), nonfinite[:20])
 
+    if hf_model is None:
+        return None
     derived = write_state(hf_model, tensors)
     total = len(list(hf_model.state_dict()))
     return Coverage(

@@ -56,6 +56,7 @@ class Record:
     input: np.ndarray | None = field(default=None, repr=False)  # the first tensor the layer received (Keras)
     inputs: tuple = field(default=(), repr=False)  # every positional tensor it received
     input_kwargs: dict = field(default_factory=dict, repr=False)  # tensors it received by name (attention_mask)
+    module: object = field(default=None, repr=False, compare=False)  # the torch module, to re-run it locally
 
     @property
     def is_container(self) -> bool:
@@ -72,13 +73,11 @@ def nhwc_shape(record: Record) -> tuple[int, ...]:
     return (s[0], s[2], s[3], s[1]) if record.channels_first else s
 
 
-def first_array(value) -> np.ndarray | None:
-    """The first tensor in a layer's output (tensor, tuple, dict or ModelOutput), as numpy."""
-    if value is None:
+def first_tensor(value):
+    """The first tensor in a layer's output (tensor, tuple, dict or ModelOutput), or None."""
+    if value is None or isinstance(value, (str, bytes)):
         return None
-    if hasattr(value, "numpy") and not isinstance(value, (dict, tuple, list)):
-        return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy())
-    if isinstance(value, np.ndarray):
+    if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, dict):
         return value
     if isinstance(value, dict):
         values = list(value.values())
@@ -89,7 +88,21 @@ def first_array(value) -> np.ndarray | None:
     else:
         return None
     for v in values:
-        arr = first_array(v)
-        if arr is not None:
-            return arr
+        found = first_tensor(v)
+        if found is not None:
+            return found
     return None
+
+
+def to_numpy(tensor) -> np.ndarray | None:
+    """A TF or torch tensor as numpy; None for a tensor with no data (torch's meta device)."""
+    if tensor is None or getattr(tensor, "is_meta", False):
+        return None
+    if hasattr(tensor, "detach"):
+        return tensor.detach().cpu().numpy()
+    return np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor)
+
+
+def first_array(value) -> np.ndarray | None:
+    """The first tensor in a layer's output, as numpy."""
+    return to_numpy(first_tensor(value))

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import Record, first_array, kind_of, role_of
+from . import Record, first_tensor, kind_of, role_of, to_numpy
 
 ACTIVATION_NAMES = {"SiLU": "swish", "Sigmoid": "sigmoid", "Tanh": "tanh", "GELUActivation": "gelu",
                     "GELU": "gelu", "NewGELUActivation": "gelu_new", "ReLU": "relu"}
@@ -41,16 +41,18 @@ def recording(model: torch.nn.Module, keep_outputs: bool = True):
 
     def hook(module, args, output, name):
         tower = tower_of(name)
-        array = first_array(output)
-        if tower is None or array is None:
+        tensor = first_tensor(output)
+        if tower is None or tensor is None:
             return
         cls = type(module).__name__
         kind = _kind(module)
         records.append(Record(
             framework="torch", tower=tower, order=counters.setdefault(tower, 0), path=name, cls=cls, kind=kind,
-            shape=tuple(array.shape), dtype=str(array.dtype), variables=_own_tensors(name, module),
+            shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
+            variables=_own_tensors(name, module),
             activation=ACTIVATION_NAMES.get(cls), role=role_of(cls) if kind == "container" else kind,
-            output=array.copy() if keep_outputs else None,
+            output=to_numpy(tensor).copy() if keep_outputs and not tensor.is_meta else None,
+            module=module,
         ))
         counters[tower] += 1
 
@@ -63,9 +65,10 @@ def recording(model: torch.nn.Module, keep_outputs: bool = True):
             h.remove()
 
 
-def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True) -> list[Record]:
-    """One forward per tower, as `AlignModel.forward` computes them; records for both towers."""
+def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True) -> tuple[list[Record], dict]:
+    """One forward per tower, as `AlignModel.forward` computes them: records for both towers, and the
+    towers' features (`image_features`, `text_features`, numpy) so no second forward is needed."""
     with recording(model, keep_outputs) as records, torch.inference_mode():
-        model.get_image_features(pixel_values=inputs.torch_pixel_values())
-        model.get_text_features(**inputs.torch_text())
-    return records
+        image = model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output
+        text = model.get_text_features(**inputs.torch_text()).pooler_output
+    return records, {"image_features": to_numpy(image), "text_features": to_numpy(text)}
