@@ -69,7 +69,11 @@ def main(argv=None) -> int:
         if args.demo:
             from tracer.demo import ensure_demo_checkpoint
 
-            options.checkpoint_path = str(ensure_demo_checkpoint(args.demo, args.demo_dir))
+            bundle = ensure_demo_checkpoint(args.demo, args.demo_dir)
+            options.checkpoint_path = str(bundle / "model-weights")
+            if not (options.images or options.texts or options.inputs_file):
+                # The demo's own inputs, with the reference model's outputs on them to compare against.
+                options.inputs_file = str(bundle / "reference.npz")
         result = convert(options)
     except TracerError as exc:
         logger.error("%s", exc)

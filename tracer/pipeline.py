@@ -93,8 +93,13 @@ def load_inputs(options: ConvertOptions, processor, spec: AlignSpec) -> Inputs:
     if options.images or options.texts:
         if not (options.images and options.texts):
             raise BadInputError("give both --image and --text (each repeatable), or neither to use the defaults")
-        return inputs_from_images_and_texts(options.images, options.texts, processor)
-    return default_inputs(processor, seq_length=options.seq_length)
+        inputs = inputs_from_images_and_texts(options.images, options.texts, processor)
+    else:
+        inputs = default_inputs(processor, seq_length=options.seq_length)
+    if inputs.input_ids.max() >= spec.text.vocab_size:
+        raise BadInputError(f"the tokenizer gives ids up to {inputs.input_ids.max()}, beyond this checkpoint's "
+                            f"vocabulary of {spec.text.vocab_size}: pass the --vocab_file it was trained with")
+    return inputs
 
 
 def hf_embed(model: torch.nn.Module, inputs: Inputs) -> dict[str, np.ndarray]:

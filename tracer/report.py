@@ -25,8 +25,9 @@ LAYER_COLUMNS = [
 
 
 def default_run_name(checkpoint_path: str) -> str:
-    stem = Path(checkpoint_path.rstrip("/")).name or "checkpoint"
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(checkpoint_path.rstrip("/"))
+    name = f"{path.parent.name}-{path.name}" if path.parent.name else path.name
+    return f"{name or 'checkpoint'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def layers_frame(rows: list[dict]) -> pd.DataFrame:

@@ -164,6 +164,15 @@ def derive_vision(shapes: Mapping[str, Sequence[int]], image_size: int = 289) ->
         raise ConversionError(f"no EfficientNet width coefficient gives these channel counts: {channels}")
     if depth is None:
         raise ConversionError(f"no EfficientNet depth coefficient gives these block repeats: {repeats}")
+    # Keras adds a residual to any stride-1 block whose width is unchanged; HF's AlignVision never does in a
+    # stage's first block. Such a network (very narrow widths) has no AlignModel equivalent.
+    for i, (_, _, f_in, f_out, _, stride) in enumerate(BASE_STAGES):
+        if stride == 1 and round_filters(f_in, width) == round_filters(f_out, width):
+            raise ConversionError(
+                f"block{i + 1}a keeps {round_filters(f_in, width)} channels at stride 1, so the Keras EfficientNet adds a "
+                "residual there, which transformers' AlignVision never adds to a stage's first block: AlignModel "
+                f"cannot reproduce this network (width coefficient {width})"
+            )
     # Prefer a named variant's pair when both coefficients fit it.
     for w, d in NAMED_VARIANTS.values():
         if all(round_filters(b, w) == f for b, f in channels) and [round_repeats(s[1], d) for s in BASE_STAGES] == repeats:

@@ -5,7 +5,7 @@ coyo checkpoint depends on:
 
 * the maths of TFBertModel in inference: word + position (range(seq)) + token-type embeddings, LayerNorm (eps from
   the spec, 1e-12), self-attention with scores / sqrt(head size) and the additive mask `(1 - mask) * -10000`,
-  exact (erf) GELU, post-LN residual blocks, and a tanh pooler on token 0;
+  exact (erf) GELU through the same TF op transformers used, post-LN residual blocks, and a tanh pooler on token 0;
 * the variable names (`tf_bert_model/bert/encoder/layer_._0/attention/self/query/kernel:0`, ...), which come from
   the name scopes each `build` opens;
 * the Python attribute names (`bert`, `embeddings`, `encoder`, `layer`, `attention`, `self_attention`,
@@ -44,8 +44,10 @@ def _init() -> tf_keras.initializers.Initializer:
 
 
 def gelu(x):
-    """BERT's exact GELU, x * Phi(x), written with erf like transformers' `get_tf_activation('gelu')`."""
-    return 0.5 * x * (1.0 + tf.math.erf(x / tf.cast(tf.sqrt(2.0), x.dtype)))
+    """BERT's exact (erf) GELU, x * Phi(x). transformers 4.x maps "gelu" to `keras.activations.gelu` on TF >= 2.4,
+    i.e. `tf.nn.gelu(x, approximate=False)` (TF 2.21 writes it as 0.5 * x * erfc(-x / sqrt(2))); this calls that
+    same op rather than an erf formula with a different float32 rounding."""
+    return tf_keras.activations.gelu(x, approximate=False)
 
 
 def _dense(units: int, name: str, activation=None) -> tf_keras.layers.Dense:
