@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="table: the rename rules alone; infer: the tracer alone; auto (default with --trace): "
                         "the table where it has rules, inference for every gap")
     p.add_argument("--report_dir", default=None, help="where --trace writes its report (default reports/<run>)")
+    p.add_argument("--hf_config", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override the derived AlignConfig, to test a hypothesis (repeatable), "
+                        "e.g. vision_config.batch_norm_eps=1e-5")
     p.add_argument("--atol", type=float, default=1e-3, help="tolerance on L2-normalised embeddings")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--allow_nonfinite", action="store_true", help="convert weights that hold NaN or Inf")
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
               ", ".join(f"{k} max|Δ| {v:.2e}" for k, v in result.reference_max_abs.items()))
     if result.saved_to:
         print(f"saved to {result.saved_to} (reload max|Δ| {result.reload_max_abs:.1e})")
+    for hint in result.hints:
+        print(f"hint: {hint}")
     if result.report:
         print(f"report: {result.report} ({len(result.rows)} layers, "
               f"{sum(r['status'] == 'diverged' for r in result.rows)} diverged)")

@@ -25,7 +25,7 @@ from tracer.keras_ref import (  # noqa: E402
     reference_variables,
 )
 from tracer.keras_ref import bert as bert_module  # noqa: E402
-from tracer.spec import derive_spec  # noqa: E402
+from tracer.spec import derive_spec, round_filters  # noqa: E402
 
 FIXTURES = Path(os.environ.get("TRACER_FIXTURES", "/work/shared/fixtures"))
 MINI = FIXTURES / "coyo_mini"
@@ -88,7 +88,7 @@ def test_tiny_structure_and_names(tiny_model):
     assert isinstance(effnet.layers[1], tf_keras.layers.Rescaling)
     assert tiny_model.image_encoder.output_shape == (None, spec.vision.hidden_dim)
     assert tiny_model.image_encoder.input_shape == (None, 289, 289, 3)
-    assert names["block1a_bn/gamma"].shape == (1, 1, 1, 1, 8)
+    assert names["block1a_bn/gamma"].shape == (1, 1, 1, 1, round_filters(32, spec.vision.width_coefficient))
     # The weights Keras knows are exactly the reference ones plus the three trackers' total/count.
     metric_vars = [v for vs in metric_variables(tiny_model).values() for v in vs]
     assert sorted(metric_variables(tiny_model)) == ["loss", "loss_i2t", "loss_t2i"]
@@ -189,7 +189,8 @@ def test_assign_weights_is_strict(tiny_model):
         assign_weights(tiny_model, extra)
 
     wrong = dict(values, **{"dense/kernel": np.zeros((3, 3), np.float32)})
-    with pytest.raises(ConversionError, match=r"dense/kernel: model \[64, 32\], given \[3, 3\]"):
+    kernel = list(shapes["dense/kernel"])
+    with pytest.raises(ConversionError, match=rf"dense/kernel: model \[{kernel[0]}, {kernel[1]}\], given \[3, 3\]"):
         assign_weights(tiny_model, wrong)
 
     with pytest.raises(BadInputError):

@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from transformers import AlignConfig, AlignModel, AlignTextConfig, AlignVisionConfig
 
-from .errors import ConversionError
+from .errors import BadInputError, ConversionError
 from .spec import AlignSpec
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,26 @@ def align_config(spec: AlignSpec, temperature: float = 1.0) -> AlignConfig:
         projection_dim=spec.embed_dim,
         temperature_init_value=temperature,
     )
+
+
+def override_config(config: AlignConfig, overrides: list[str]) -> None:
+    """Apply `section.key=value` overrides (e.g. `vision_config.batch_norm_eps=1e-5`) to test a hypothesis
+    about a port: the value is parsed as JSON when it can be, else kept as a string."""
+    import json
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, _, name = key.rpartition(".")
+        target = getattr(config, section) if section else config
+        if not sep or not name or target is None or not hasattr(target, name):
+            raise BadInputError(f"--hf_config {item!r}: expected SECTION.KEY=VALUE with an existing key, e.g. "
+                                "vision_config.batch_norm_eps=1e-5")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        logger.warning("overriding the derived config: %s = %r (was %r)", key, value, getattr(target, name))
+        setattr(target, name, value)
 
 
 def build_empty(config: AlignConfig) -> AlignModel:

@@ -22,7 +22,7 @@ from .compare import DEFAULT_ATOL, Parity, compare_embeddings, layer_rows, max_a
 from .errors import BadInputError, ConversionError, ParityError, TracerError
 from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
-from .mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
+from .mapping import Entry, WeightMap, map_by_file, map_by_rules, read_mapping, write_mapping
 from .progress import stage
 from .rules import ALIGN_RULES
 from .spec import AlignSpec, derive_spec
@@ -52,6 +52,7 @@ class ConvertOptions:
     trace: bool = False
     mapping: str | None = None  # table | infer | auto (default: auto with --trace, table without)
     report_dir: str | None = None
+    hf_config: list[str] = field(default_factory=list)  # KEY=VALUE overrides of the derived AlignConfig
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ConversionResult:
     reference_max_abs: dict[str, float] = field(default_factory=dict)  # HF vs the original's outputs, if given
     model: torch.nn.Module | None = field(default=None, repr=False)
     rows: list[dict] = field(default_factory=list)  # per-layer divergence, when traced
-    conflicts: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # run-level cause hints
     report: Path | None = None
 
 
@@ -150,7 +151,19 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
     return features / np.linalg.norm(features, axis=-1, keepdims=True)
 
 
-def trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings):
+@dataclass
+class Traced:
+    weight_map: WeightMap
+    conflicts: list[str]
+    unmapped: list[str]
+    coverage: Coverage | None = None  # None: the mapping was incomplete or conflicting, nothing was copied
+    keras_out: dict | None = None
+    hf_out: dict | None = None
+    pairs: list = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+def trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings) -> Traced:
     """Record both models, pair their layers, infer and confirm the mapping, copy the weights, compare."""
     from .infer import infer_mapping, reconcile
     from .keras_ref.align import reference_variables
@@ -177,7 +190,7 @@ def trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, 
         coverage = transfer(lambda n: keras_vars[n].numpy(), list(shapes), weight_map, hf_model,
                             allow_nonfinite=True) if not (conflicts or unmapped) else None
     if coverage is None:
-        return weight_map, conflicts, unmapped, None, None, None, []
+        return Traced(weight_map, conflicts, unmapped)
     with stage("trace HF", timings):
         torch_records, hf_features = record_torch(hf_model, inputs)
         pairs = pair_records(keras_records, torch_records)
@@ -189,7 +202,7 @@ def trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, 
     keras_out = {**keras_features, **{k.replace("features", "embeds"): l2_normalize(v)
                                       for k, v in keras_features.items()}}
     hf_out = {**hf_features, **{k.replace("features", "embeds"): l2_normalize(v) for k, v in hf_features.items()}}
-    return weight_map, conflicts, unmapped, coverage, keras_out, hf_out, rows
+    return Traced(weight_map, conflicts, unmapped, coverage, keras_out, hf_out, pairs, rows)
 
 
 def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:
@@ -233,19 +246,22 @@ def convert(options: ConvertOptions) -> ConversionResult:
     with stage("build Keras reference", timings):
         keras_model = build_reference(spec)
     with stage("build HF model", timings):
-        hf_model = hf_side.build_empty(hf_side.align_config(spec))
+        config = hf_side.align_config(spec)
+        hf_side.override_config(config, options.hf_config)
+        hf_model = hf_side.build_empty(config)
 
-    rows, conflicts = [], []
+    traced = None
     if options.trace:
-        weight_map, conflicts, unmapped, coverage, keras_out, hf_out, rows = trace(
-            checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings)
+        traced = trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings)
+        weight_map, coverage, keras_out, hf_out = traced.weight_map, traced.coverage, traced.keras_out, traced.hf_out
         if options.mapping_out:
             write_mapping(weight_map.entries, options.mapping_out)
-        if conflicts:
-            raise ConversionError(f"{len(conflicts)} mapping conflict(s) between the table and the tracer: "
-                                  + "; ".join(conflicts[:10]))
+        if traced.conflicts:
+            raise ConversionError(f"{len(traced.conflicts)} mapping conflict(s) between the table and the tracer: "
+                                  + "; ".join(traced.conflicts[:10]))
         if coverage is None:
-            raise ConversionError(f"{len(unmapped)} checkpoint weight(s) could not be mapped: {unmapped[:20]}")
+            raise ConversionError(f"{len(traced.unmapped)} checkpoint weight(s) could not be mapped: "
+                                  f"{traced.unmapped[:20]}")
     else:
         weight_map = table
         with stage("copy weights", timings):
@@ -264,10 +280,14 @@ def convert(options: ConvertOptions) -> ConversionResult:
     hf_model.config.temperature_init_value = temperature
     parity = compare_embeddings(keras_out, hf_out, temperature, float(hf_model.temperature.detach()), options.atol)
     result = ConversionResult(spec, weight_map.entries, coverage, parity, len(checkpoint.set_aside), timings,
-                              model=hf_model, rows=rows, conflicts=conflicts)
+                              model=hf_model, rows=traced.rows if traced else [])
     result.reference_max_abs = {k: max_abs(v, hf_out[k]) for k, v in inputs.reference.items() if k in hf_out}
     checkpoint.close()
     if options.trace:
+        with stage("diagnose", timings):
+            from .diagnose import diagnose
+
+            result.hints = diagnose(traced.pairs, traced.rows, weight_map.entries, parity)
         with stage("report", timings):
             from .report import default_run_name, write_report
 
