@@ -64,6 +64,7 @@ class WeightMap:
 
     entries: list[Entry]
     unmatched: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)  # table entries naming variables the checkpoint lacks
 
     def by_variable(self) -> dict[str, Entry]:
         return {e.variable: e for e in self.entries}
@@ -141,11 +142,10 @@ def read_mapping(path: str | Path) -> list[Entry]:
 
 
 def map_by_file(shapes: Mapping[str, Sequence[int]], file_entries: Sequence[Entry]) -> WeightMap:
-    """Use a mapping file as the table: entries for variables the checkpoint lacks are an error."""
+    """Use a mapping file as the table. Entries naming variables the checkpoint lacks are kept aside as `stray`
+    (the caller reports them: an old table's `temperature:0` against coyo's `Variable`)."""
     known = {e.variable: e for e in file_entries}
     stray = sorted(set(known) - set(shapes))
-    if stray:
-        raise BadInputError(f"the mapping file names variables this checkpoint does not have: {stray[:10]}")
     targets: dict[str, str] = {}
     for e in file_entries:
         if e.parameter in targets:
@@ -154,4 +154,4 @@ def map_by_file(shapes: Mapping[str, Sequence[int]], file_entries: Sequence[Entr
     entries = [
         Entry(n, known[n].parameter, known[n].transform, "file", tuple(s)) for n, s in shapes.items() if n in known
     ]
-    return WeightMap(entries, [n for n in shapes if n not in known])
+    return WeightMap(entries, [n for n in shapes if n not in known], stray)

@@ -236,6 +236,9 @@ def convert(options: ConvertOptions) -> ConversionResult:
         table = None
         if options.mapping_file:
             table = map_by_file(shapes, read_mapping(options.mapping_file))
+            if table.stray:
+                logger.warning("%d mapping file entries name variables this checkpoint does not have (ignored): %s",
+                               len(table.stray), table.stray[:10])
         elif mode != "infer":
             table = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
 
