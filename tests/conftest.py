@@ -27,3 +27,13 @@ def variable_shapes(json_path: Path, weights_only: bool = True) -> dict[str, tup
     if weights_only:
         shapes = {n: s for n, s in shapes.items() if n not in ("total", "count")}
     return shapes
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A tiny original-style demo checkpoint (+ reference.npz), written once per test session."""
+    from tracer.demo import write_demo_bundle
+
+    folder = tmp_path_factory.mktemp("tiny_demo")
+    write_demo_bundle(folder, "tiny")
+    return folder
