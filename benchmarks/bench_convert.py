@@ -1,0 +1,190 @@
+"""Benchmark: tracer's plain and traced conversion against the original converter's procedure, same run.
+
+    python benchmarks/bench_convert.py                 # ALIGN-base demo checkpoint (written once to demo/base)
+    python benchmarks/bench_convert.py --size small    # a quick look
+
+Each mode runs in its own process (so peak RSS is its own) on the same checkpoint and inputs (2 images, 2 texts):
+- `baseline`: the original converter's procedure: build the Keras model and restore it with `load_weights`;
+  build the HF model with its default initialisation; copy every variable through the rename table in a plain
+  loop; one forward each; save.
+- `plain`: `convert.py --save_model`.
+- `trace`: `convert.py --trace --save_model`.
+Writes benchmarks/results/convert-<size>.json and .csv (wall, CPU, peak RSS, per-phase times) and prints the
+ratios against the baseline with the targets (trace ≤ 0.6× wall, ≤ 0.8× RSS; plain ≤ 0.4× wall, ≤ 0.6× RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"trace": {"wall": 0.6, "rss": 0.8}, "plain": {"wall": 0.4, "rss": 0.6}}
+
+
+def _phase(timings: dict, name: str, start: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - start, 3)
+    return now
+
+
+def run_baseline(checkpoint: str, inputs_file: str, out_dir: str) -> dict:
+    """The original converter's steps, with this project's reference model standing in for coyo's code."""
+    timings: dict = {}
+    t = time.perf_counter()
+    import numpy as np
+    import tensorflow  # noqa: F401  (imports are part of every procedure's cost)
+    import torch
+    from transformers import AlignModel
+
+    from tracer.hf import align_config
+    from tracer.inputs import inputs_from_npz
+    from tracer.keras_ref.align import build_reference, embed
+    from tracer.mapping import map_by_rules
+    from tracer.rules import ALIGN_RULES
+    from tracer.spec import derive_spec
+    from tracer.transforms import get_transform
+
+    t = _phase(timings, "imports", t)
+    shapes = {k: tuple(v) for k, v in _weight_shapes(checkpoint).items()}
+    spec = derive_spec(shapes)
+    keras_model = build_reference(spec)
+    t = _phase(timings, "build Keras", t)
+    keras_model.load_weights(checkpoint).expect_partial()
+    t = _phase(timings, "load_weights", t)
+    hf_model = AlignModel(align_config(spec)).eval()  # default (random) initialisation, as the original does
+    t = _phase(timings, "build HF", t)
+    table = {e.variable: e for e in map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index()).entries}
+    state = hf_model.state_dict()
+    for variable in keras_model.weights:  # a plain loop over all variables
+        name = variable.name.removesuffix(":0")
+        if name in table:
+            entry = table[name]
+            state[entry.parameter].copy_(torch.from_numpy(get_transform(entry.transform)(variable.numpy())))
+    t = _phase(timings, "copy", t)
+    inputs = inputs_from_npz(inputs_file)
+    keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
+                      inputs.token_type_ids)
+    t = _phase(timings, "forward Keras", t)
+    with torch.inference_mode():
+        out = hf_model(pixel_values=inputs.torch_pixel_values(), **inputs.torch_text())
+    diff = float(np.max(np.abs(out.image_embeds.numpy() - keras_out["image_embeds"])))
+    t = _phase(timings, "forward HF", t)
+    hf_model.save_pretrained(out_dir)
+    _phase(timings, "save", t)
+    return {"timings": timings, "image_embeds_max_abs": diff}
+
+
+def _weight_shapes(checkpoint: str) -> dict:
+    from tracer.checkpoint import open_checkpoint
+
+    with open_checkpoint(checkpoint) as ckpt:
+        return ckpt.shapes()
+
+
+def run_tracer(checkpoint: str, inputs_file: str, out_dir: str, trace: bool) -> dict:
+    import convert
+
+    args = ["--checkpoint_path", checkpoint, "--inputs", inputs_file, "--save_model", "--overwrite",
+            "--pytorch_dump_folder_path", out_dir, "--log_level", "warning"]
+    if trace:
+        args += ["--trace", "--report_dir", str(Path(out_dir).parent / "report")]
+    start = time.perf_counter()
+    from tracer import pipeline
+
+    captured = {}
+    original = pipeline.convert
+
+    def spy(options):
+        captured["result"] = original(options)
+        return captured["result"]
+
+    pipeline.convert = spy
+    code = convert.main(args)
+    if code:
+        raise SystemExit(f"convert.py exited {code}")
+    result = captured["result"]
+    return {"timings": {"imports+cli": round(time.perf_counter() - start - sum(result.timings.values()), 3),
+                        **{k: round(v, 3) for k, v in result.timings.items()}},
+            "image_embeds_max_abs": result.parity.image_embeds_max_abs}
+
+
+def child(mode: str, checkpoint: str, inputs_file: str) -> None:
+    """Run one mode in this process and print its measurements as JSON."""
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+        out = str(Path(tmp) / "model")
+        if mode == "baseline":
+            measured = run_baseline(checkpoint, inputs_file, out)
+        else:
+            measured = run_tracer(checkpoint, inputs_file, out, trace=(mode == "trace"))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    measured.update(mode=mode, wall_s=round(time.perf_counter() - wall0, 2),
+                    cpu_s=round(time.process_time() - cpu0, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    print("RESULT " + json.dumps(measured))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="base", choices=["tiny", "small", "base"])
+    parser.add_argument("--modes", default="baseline,plain,trace")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.checkpoint, args.inputs)
+        return 0
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from tracer.demo import ensure_demo_checkpoint
+
+    bundle = ensure_demo_checkpoint(args.size, ROOT / "demo" / args.size)
+    checkpoint, inputs_file = str(bundle / "model-weights"), str(bundle / "reference.npz")
+    results = {}
+    for mode in args.modes.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", checkpoint,
+                               "--inputs", inputs_file], capture_output=True, text=True, cwd=ROOT)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"mode {mode} failed ({proc.returncode})")
+        results[mode] = json.loads(line[0][len("RESULT "):])
+        print(f"{mode:8s} wall {results[mode]['wall_s']:7.1f} s  cpu {results[mode]['cpu_s']:7.1f} s  "
+              f"peak RSS {results[mode]['peak_rss_mb']:8.0f} MB  phases {results[mode]['timings']}")
+
+    if "baseline" in results:
+        base = results["baseline"]
+        for mode, target in TARGETS.items():
+            if mode in results:
+                wall = results[mode]["wall_s"] / base["wall_s"]
+                rss = results[mode]["peak_rss_mb"] / base["peak_rss_mb"]
+                results[mode]["ratios"] = {"wall": round(wall, 3), "rss": round(rss, 3)}
+                print(f"{mode:8s} wall {wall:.2f}× (target ≤ {target['wall']}×, "
+                      f"{'met' if wall <= target['wall'] else 'MISSED'}), peak RSS {rss:.2f}× (target ≤ "
+                      f"{target['rss']}×, {'met' if rss <= target['rss'] else 'MISSED'})")
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    stamp = {"size": args.size, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "modes": results}
+    (out / f"convert-{args.size}.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    with open(out / f"convert-{args.size}.csv", "w") as f:
+        f.write("mode,wall_s,cpu_s,peak_rss_mb,wall_ratio,rss_ratio\n")
+        for mode, r in results.items():
+            ratios = r.get("ratios", {})
+            f.write(f"{mode},{r['wall_s']},{r['cpu_s']},{r['peak_rss_mb']},{ratios.get('wall', '')},"
+                    f"{ratios.get('rss', '')}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
