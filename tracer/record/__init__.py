@@ -26,6 +26,9 @@ LEAF_KINDS = {
 }
 # Kinds that compute nothing worth pairing, or whose work the other framework does elsewhere.
 GAP_KINDS = {"dropout", "reshape", "add", "multiply", "rescale", "input", "op", "container"}
+# The layer settings a Record keeps in `config` (Keras `get_config()` names; torch attributes are renamed to these).
+CONFIG_KEYS = ("epsilon", "padding", "strides", "kernel_size", "dilation_rate", "activation", "scale", "offset",
+               "approximate")
 WEIGHTED_KINDS = {"conv", "depthwise", "batchnorm", "linear", "layernorm", "embedding"}
 _CLASS_PREFIXES = re.compile(r"^(TFBert|AlignText|AlignVision|Align|TF)")
 
@@ -57,6 +60,10 @@ class Record:
     inputs: tuple = field(default=(), repr=False)  # every positional tensor it received
     input_kwargs: dict = field(default_factory=dict, repr=False)  # tensors it received by name (attention_mask)
     module: object = field(default=None, repr=False, compare=False)  # the torch module, to re-run it locally
+    layer: object = field(default=None, repr=False, compare=False)  # the Keras layer, to read its variables
+    # Settings that change what the layer computes (epsilon, padding, strides, activation, rescale scale/offset),
+    # from the Keras layer's `get_config()` or the torch module's attributes; see `CONFIG_KEYS`.
+    config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_container(self) -> bool:

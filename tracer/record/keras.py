@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from . import Record, first_array, kind_of, role_of
+from . import CONFIG_KEYS, Record, first_array, kind_of, role_of
 
 _BLOCK = re.compile(r"^(block\d+[a-z])_")
 
@@ -28,6 +28,15 @@ def _name(variable) -> str:
 def _activation(layer) -> str | None:
     fn = getattr(layer, "activation", None)
     return getattr(fn, "__name__", None) if fn is not None else None
+
+
+def _config(layer) -> dict:
+    """The settings in CONFIG_KEYS from `layer.get_config()` (subclassed layers may not implement it)."""
+    try:
+        config = layer.get_config()
+    except (NotImplementedError, TypeError, AttributeError):
+        return {}
+    return {k: config[k] for k in CONFIG_KEYS if k in config}
 
 
 def _own_variables(layer, leaf: bool) -> dict[str, tuple[int, ...]]:
@@ -59,6 +68,7 @@ class _Recorder:
             input=first_array(inputs[0]) if self.keep and inputs else None,
             inputs=tuple(first_array(x) for x in inputs) if self.keep else (),
             input_kwargs={k: first_array(v) for k, v in (kwargs or {}).items() if v is not None} if self.keep else {},
+            layer=layer, config=_config(layer) if layer is not None else {},
         )
         self.records.append(record)
         return record

@@ -33,6 +33,16 @@ def _own_tensors(name: str, module: torch.nn.Module) -> dict[str, tuple[int, ...
     return {f"{name}.{k}": tuple(t.shape) for k, t in own.items() if not k.endswith("num_batches_tracked")}
 
 
+def _config(module: torch.nn.Module) -> dict:
+    """The module's settings under the Keras names of record.CONFIG_KEYS (eps -> epsilon, stride -> strides)."""
+    names = {"eps": "epsilon", "padding": "padding", "stride": "strides", "kernel_size": "kernel_size",
+             "dilation": "dilation_rate", "approximate": "approximate"}
+    config = {key: getattr(module, attr) for attr, key in names.items() if hasattr(module, attr)}
+    if type(module).__name__ in ACTIVATION_NAMES:
+        config["activation"] = ACTIVATION_NAMES[type(module).__name__]
+    return config
+
+
 @contextmanager
 def recording(model: torch.nn.Module, keep_outputs: bool = True):
     """Within the block, every module call of `model` appends a Record to the yielded list."""
@@ -52,9 +62,15 @@ def recording(model: torch.nn.Module, keep_outputs: bool = True):
             variables=_own_tensors(name, module),
             activation=ACTIVATION_NAMES.get(cls), role=role_of(cls) if kind == "container" else kind,
             output=to_numpy(tensor).copy() if keep_outputs and not tensor.is_meta else None,
-            module=module,
+            # What the tower's first layer received (the pixels, after the processor): kept for that layer only.
+            input=_first_input(args) if keep_outputs and counters.get(tower, 0) == 0 else None,
+            module=module, config=_config(module),
         ))
         counters[tower] += 1
+
+    def _first_input(args):
+        tensor = first_tensor(args)
+        return to_numpy(tensor).copy() if tensor is not None and not tensor.is_meta else None
 
     handles = [m.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n))
                for name, m in model.named_modules() if name]
