@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Convert an original ALIGN (kakaobrain/coyo-align, TF2/Keras 2) checkpoint into a transformers `AlignModel`.
 
-Exit codes: 0 success, 1 parity failure, 2 bad input, 3 unmappable or incomplete conversion.
+Exit codes: 0 success, 1 parity failure, 2 bad input, 3 unmappable or incomplete conversion, 4 converted and saved
+but the push to the hub failed, 70 internal error (a bug), 130/143 interrupted (Ctrl-C / SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter hides our progress
@@ -18,11 +20,13 @@ logger = logging.getLogger("tracer")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_path", default="./weights/model-weights",
-                   help="TF checkpoint prefix (or its folder, or a Keras .h5 weights file)")
+    p.add_argument("--checkpoint_path", default=None,
+                   help="TF checkpoint prefix (or its folder, or a Keras .h5 weights file); default "
+                        "./weights/model-weights")
     p.add_argument("--pytorch_dump_folder_path", default="hf_model", help="where --save_model writes the model")
     p.add_argument("--save_model", action="store_true", help="save the model and processor (safetensors)")
-    p.add_argument("--push_to_hub", action="store_true", help="push the model and processor to the hub")
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="save as --save_model does, then upload that folder to the hub (needs a token)")
     p.add_argument("--hub_repo_id", default=None, help="repository for --push_to_hub (default: the dump folder name)")
     p.add_argument("--demo", nargs="?", const="base", choices=["base", "small", "tiny"], default=None,
                    help="write a synthetic original-style checkpoint of this size (default base) and convert it")
@@ -56,19 +60,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that temporary folders are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    from tracer.errors import TracerError
-    from tracer.pipeline import ConvertOptions, convert
-
-    options = ConvertOptions(**{k: v for k, v in vars(args).items()
-                                if k in ConvertOptions.__dataclass_fields__})
+    previous = None
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tracer.errors import BadInputError, TracerError
+
+    try:
+        # Cheap checks first: a bad flag, output location or checkpoint path fails in a second, not after the
+        # imports (torch, transformers, TensorFlow) and the model builds.
+        if args.demo and args.checkpoint_path:
+            raise BadInputError("--demo converts its own checkpoint: drop --checkpoint_path, or drop --demo")
+        from tracer.output import preflight
+
+        preflight(args)
+        if not args.demo:
+            from tracer.checkpoint import resolve_path
+
+            args.checkpoint_path = args.checkpoint_path or "./weights/model-weights"
+            resolve_path(args.checkpoint_path)
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if logging.getLogger().getEffectiveLevel() > logging.INFO:
+            hf_logging.disable_progress_bar()
+        from tracer.pipeline import ConvertOptions, convert
+
+        options = ConvertOptions(**{k: v for k, v in vars(args).items()
+                                    if k in ConvertOptions.__dataclass_fields__})
         if args.demo:
             from tracer.demo import ensure_demo_checkpoint
 
@@ -81,9 +122,19 @@ def main(argv=None) -> int:
     except TracerError as exc:
         logger.error("%s", exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        logger.error("interrupted; nothing was written")
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "by SIGTERM" if isinstance(exc, _Terminated) else "by Ctrl-C"
+        logger.error("interrupted %s: stopped; no half-written output is left (the model and report folders "
+                     "appear only once complete)", how)
+        return 143 if isinstance(exc, _Terminated) else 130
+    except OSError as exc:  # disk full, a file vanishing or unreadable mid-run, ...
+        logger.error("cannot read or write a file: %s; check the path, its permissions and the free disk space, "
+                     "then run again", exc)
+        return 2
+    except Exception:  # a bug: say so, with the traceback, rather than exit 1 (which means a parity failure)
+        logger.exception("internal error (a bug in tracer, not in your input); please report it with this "
+                         "traceback")
+        return 70
 
     p = result.parity
     c = result.coverage
@@ -97,6 +148,8 @@ def main(argv=None) -> int:
               ", ".join(f"{k} max|Δ| {v:.2e}" for k, v in result.reference_max_abs.items()))
     if result.saved_to:
         print(f"saved to {result.saved_to} (reload max|Δ| {result.reload_max_abs:.1e})")
+    if result.pushed_to:
+        print(f"pushed to the hub: {result.pushed_to}")
     for hint in result.hints:
         print(f"hint: {hint}")
     if result.report:

@@ -23,10 +23,12 @@ TF checkpoints are classified from the object graph's structure, not from names:
   ``tf_keras.optimizers.legacy.Adam``, whose slots are stored under ``<variable>/.OPTIMIZER_SLOT/optimizer/m``),
   (c) any node with an iteration counter child (``iter`` / ``_iterations`` holding a variable named ``*iter`` or
   ``iteration``). Slot variable nodes themselves are optimizer state.
-* metric objects are non-root nodes whose children are all variable leaves, each with a local name equal to its
-  unscoped full name (Keras metrics create their state outside any layer's name scope) and drawn from the Keras
-  metric state names (``total``, ``count``, ``true_positives``, ...). A ``tf.keras.metrics.Mean`` tracker is the
-  node with exactly the children ``total`` and ``count``.
+* metric objects are non-root nodes with at least one variable leaf child, whose variable children all have a
+  local name and an unscoped full name (Keras metrics create their state outside any layer's name scope) drawn from
+  the Keras metric state names (``total``, ``count``, ``true_positives``, ...; MeanIoU's ``total_cm`` is an alias of
+  its ``total_confusion_matrix``), and whose other children are empty nodes (the Python lists and dicts a metric
+  keeps: Precision's ``thresholds``, MeanMetricWrapper's ``_fn_kwargs``). A ``tf.keras.metrics.Mean`` tracker is
+  the node with exactly the children ``total`` and ``count``.
 * a variable is a ``"weight"`` when it can be reached from the root without passing through an optimizer or a
   metric object; otherwise ``"optimizer"`` (iteration counter, learning rate, hyper-parameters, ``Adam/m/...``
   variables of Keras >= 2.11 under ``optimizer/_variables/N``, legacy slots) or ``"metric"``.
@@ -54,7 +56,7 @@ import numpy as np
 
 from .errors import BadInputError, ConversionError
 
-__all__ = ["Variable", "Checkpoint", "open_checkpoint", "ROLES", "METRIC_STATE_NAMES"]
+__all__ = ["Variable", "Checkpoint", "open_checkpoint", "resolve_path", "ROLES", "METRIC_STATE_NAMES"]
 
 ROLES = ("weight", "optimizer", "metric", "other")
 
@@ -62,7 +64,7 @@ ROLES = ("weight", "optimizer", "metric", "other")
 # metrics: the four counts or an accumulator; MeanIoU: total_cm). Used together with the structural test above.
 METRIC_STATE_NAMES = frozenset({
     "total", "count", "accumulator", "true_positives", "false_positives", "true_negatives", "false_negatives",
-    "total_cm", "total_confusion_matrix",
+    "total_cm", "total_confusion_matrix", "sum", "squared_sum", "residual", "num_samples",
 })
 
 _GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -165,6 +167,12 @@ class Checkpoint:
                 f"set_aside={len(self.variables) - len(self._weights)})")
 
 
+def resolve_path(path: str | os.PathLike) -> tuple[str, str]:
+    """Where `path` leads, ("tf", prefix) or ("h5", file), without opening anything (cheap: no TensorFlow);
+    `BadInputError` naming the cause when it leads nowhere."""
+    return _resolve(Path(os.fspath(path)).expanduser())
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a TF object-based checkpoint or a Keras 2 HDF5 weights file; see the module docstring."""
     kind, resolved = _resolve(Path(os.fspath(path)).expanduser())
@@ -232,7 +240,8 @@ def _resolve_state_file(state: Path) -> tuple[str, str]:
     try:
         text = state.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"{state}: cannot read the checkpoint state file ({err})") from err
+        raise BadInputError(f"{state}: cannot read the checkpoint state file ({err}); pass the checkpoint prefix "
+                            f"directly (PREFIX for PREFIX.index)") from err
     match = re.search(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
     if not match:
         raise BadInputError(f"{state} does not name a model_checkpoint_path; pass the checkpoint prefix directly "
@@ -336,7 +345,7 @@ def _tf_variables(prefix: str, raw_graph: Any, shapes: dict, dtypes: dict) -> li
         graph.ParseFromString(raw_graph if isinstance(raw_graph, bytes) else bytes(raw_graph))
     except Exception as err:  # protobuf DecodeError
         raise BadInputError(f"{prefix}: the checkpoint's object graph cannot be parsed ({err}); the checkpoint is "
-                            f"corrupted") from err
+                            f"corrupted, copy it again") from err
     roles = _graph_roles(graph)
     variables: list[Variable] = []
     claimed = {_GRAPH_KEY}
@@ -349,7 +358,7 @@ def _tf_variables(prefix: str, raw_graph: Any, shapes: dict, dtypes: dict) -> li
             if key not in shapes:
                 if is_value:
                     raise BadInputError(f"{prefix}: the object graph lists {key} but the index holds no such "
-                                        f"tensor; the checkpoint is corrupted or incomplete")
+                                        f"tensor; the checkpoint is corrupted or incomplete, copy it again")
                 continue
             claimed.add(key)
             name = attr.full_name or _name_from_key(key)
@@ -414,17 +423,18 @@ def _graph_roles(graph: Any) -> dict[int, str]:
                     optimizers.add(node_id)
     optimizers.discard(0)
 
+    def is_empty(node_id: int) -> bool:
+        return node_id < len(nodes) and not nodes[node_id].children and not nodes[node_id].attributes
+
     metrics: set[int] = set()
     for node_id, node in enumerate(nodes):
         if node_id == 0 or not node.children:
             continue
-        if all(
-            child.node_id < len(nodes)
-            and is_variable_leaf(child.node_id)
-            and child.local_name in METRIC_STATE_NAMES
-            and value_attribute(nodes[child.node_id]).full_name == child.local_name
-            for child in node.children
-        ):
+        state = [c for c in node.children if c.node_id < len(nodes) and is_variable_leaf(c.node_id)]
+        if state and all(
+            c.local_name in METRIC_STATE_NAMES and value_attribute(nodes[c.node_id]).full_name in METRIC_STATE_NAMES
+            for c in state
+        ) and all(is_variable_leaf(c.node_id) or is_empty(c.node_id) for c in node.children if c not in state):
             metrics.add(node_id)
     metrics -= optimizers
 
@@ -531,7 +541,8 @@ def _read_bundle_index(index: Path) -> _BundleLayout | None:
     try:
         data = index.read_bytes()
     except OSError as err:
-        raise BadInputError(f"{index}: cannot read the index file ({err})") from err
+        raise BadInputError(f"{index}: cannot read the index file ({err}); check its permissions, or copy the "
+                            f"checkpoint again") from err
     from tensorflow.core.protobuf import tensor_bundle_pb2
 
     try:
@@ -574,7 +585,7 @@ def _check_shards(prefix: str, index: Path, layout: _BundleLayout | None) -> Non
     for shard, extents in sorted(layout.extents.items()):
         if shard >= layout.num_shards:
             raise BadInputError(f"{index} refers to data shard {shard} but says there are {layout.num_shards}; "
-                                f"the index is corrupted")
+                                f"the index is corrupted, copy the checkpoint again")
         path = _shard_path(prefix, shard, layout.num_shards)
         size = path.stat().st_size
         needed = max(end for end, _ in extents)

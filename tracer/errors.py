@@ -1,4 +1,7 @@
-"""Errors that end a run, each carrying the documented exit code of its class."""
+"""Errors that end a run, each carrying the documented exit code of its class (see README, "Exit codes and errors").
+
+Every message names the cause and what to do about it.
+"""
 
 
 class TracerError(Exception):
@@ -8,7 +11,7 @@ class TracerError(Exception):
 
 
 class BadInputError(TracerError):
-    """The user's input (paths, files, arrays, flags) cannot be used as given."""
+    """The user's input (paths, files, arrays, flags, output locations) cannot be used as given."""
 
     exit_code = 2
 
@@ -23,3 +26,9 @@ class ParityError(TracerError):
     """The converted model does not compute what the original computes."""
 
     exit_code = 1
+
+
+class PushError(TracerError):
+    """The conversion succeeded and the model is saved locally, but pushing it to the hub failed."""
+
+    exit_code = 4

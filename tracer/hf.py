@@ -92,7 +92,8 @@ def _derived_buffer(name: str, buffer: torch.Tensor) -> torch.Tensor:
         return torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape).clone()
     if leaf == "token_type_ids":
         return torch.zeros(buffer.shape, dtype=buffer.dtype)
-    raise ConversionError(f"non-persistent buffer `{name}` has no known derivation")
+    raise ConversionError(f"non-persistent buffer `{name}` has no known derivation: this transformers version's "
+                          "AlignModel differs from the one tracer supports (5.x); use a supported version")
 
 
 def rebuild_buffers(model: torch.nn.Module) -> None:
@@ -144,11 +145,14 @@ def write_state(model: AlignModel, tensors: Mapping[str, torch.Tensor]) -> list[
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched[:20]}")
     if problems:
-        raise ConversionError("strict writing failed: " + "; ".join(problems))
+        raise ConversionError("the checkpoint does not fit the AlignModel derived from it: " + "; ".join(problems)
+                              + "; if you passed --hf_config overrides, they changed the model's shapes, drop them; "
+                              "otherwise the mapping (--mapping_file) is wrong or incomplete")
 
     model.load_state_dict(state, strict=True, assign=True)
     rebuild_buffers(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ConversionError(f"tensors still unwritten after loading: {left[:20]}")
+        raise ConversionError(f"tensors still unwritten after loading: {left[:20]}: this transformers version's "
+                              "AlignModel differs from the one tracer supports (5.x); use a supported version")
     return derived

@@ -249,19 +249,21 @@ def load_image(path: str):
 
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise BadInputError(f"image {p!r}: no such file")
+        raise BadInputError(f"image {p!r}: no such file; check the --image path")
     if os.path.isdir(p):
-        raise BadInputError(f"image {p!r}: is a folder, not an image file")
+        raise BadInputError(f"image {p!r}: is a folder, not an image file; give --image one image file each time")
     try:
         with Image.open(p) as im:
             im.load()
             return im.convert("RGB")
     except UnidentifiedImageError as e:
-        raise BadInputError(f"image {p!r}: not a readable image (Pillow cannot identify its format)") from e
+        raise BadInputError(f"image {p!r}: not a readable image (Pillow cannot identify its format); give a "
+                            "PNG, JPEG or other image file Pillow reads") from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated/corrupt data, permissions, decoder errors
-        raise BadInputError(f"image {p!r}: cannot be decoded: {e}") from e
+        raise BadInputError(f"image {p!r}: cannot be decoded: {e}; the file is damaged or unreadable, use another "
+                            "copy") from e
     except Image.DecompressionBombError as e:
-        raise BadInputError(f"image {p!r}: {e}") from e
+        raise BadInputError(f"image {p!r}: {e}; use a smaller image") from e
 
 
 def crop_0_255(images: Sequence[Any], processor) -> np.ndarray:
@@ -317,7 +319,8 @@ def inputs_from_images_and_texts(image_paths: Sequence[str], texts: Sequence[str
 
 
 def _fail(path: str, key: str, expected: str, actual: str) -> BadInputError:
-    return BadInputError(f"{path}: `{key}` must be {expected}; got {actual}")
+    return BadInputError(f"{path}: `{key}` must be {expected}; got {actual}. Fix the array in the file (see "
+                         "--inputs in --help for the expected layout)")
 
 
 def _integer_array(path: str, key: str, a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -344,14 +347,14 @@ def inputs_from_npz(path: str, seq_length: int = SEQ_LENGTH, image_size: int = I
     p = os.fspath(path)
     src = f"npz {p}"
     if not os.path.isfile(p):
-        raise BadInputError(f"{src}: no such file")
+        raise BadInputError(f"{src}: no such file; check the --inputs path")
     try:
         data = np.load(p, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise BadInputError(f"{src}: cannot be read as .npz: {e}") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise BadInputError(f"{src}: holds a single array {getattr(data, 'shape', '')}, expected a .npz archive of "
-                            "named arrays (np.savez)")
+                            "named arrays: write it with np.savez(path, pixel_values=..., input_ids=..., ...)")
     try:
         with data:
             arrays = {k: data[k] for k in data.files}
@@ -361,10 +364,11 @@ def inputs_from_npz(path: str, seq_length: int = SEQ_LENGTH, image_size: int = I
     missing = [k for k in NPZ_REQUIRED if k not in arrays]
     if missing:
         raise BadInputError(f"{src}: missing key(s) {missing}; required {list(NPZ_REQUIRED)}, "
-                            f"optional {list(NPZ_OPTIONAL)}; found {sorted(arrays)}")
+                            f"optional {list(NPZ_OPTIONAL)}; found {sorted(arrays)}: add or rename them")
     unknown = sorted(set(arrays) - set(NPZ_REQUIRED) - set(NPZ_OPTIONAL) - set(NPZ_REFERENCE))
     if unknown:
-        raise BadInputError(f"{src}: unknown key(s) {unknown}; allowed {list(NPZ_REQUIRED + NPZ_OPTIONAL + NPZ_REFERENCE)}")
+        raise BadInputError(f"{src}: unknown key(s) {unknown}; allowed {list(NPZ_REQUIRED + NPZ_OPTIONAL + NPZ_REFERENCE)}: "
+                            "rename (a misspelt key would otherwise be ignored) or remove them")
 
     # ---- pixels
     px = arrays["pixel_values"]

@@ -7,9 +7,6 @@ decides what to do with their results.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +16,11 @@ import torch
 from . import hf as hf_side
 from .checkpoint import open_checkpoint
 from .compare import DEFAULT_ATOL, Parity, compare_embeddings, layer_rows, max_abs
-from .errors import BadInputError, ConversionError, ParityError, TracerError
+from .errors import BadInputError, ConversionError, ParityError, PushError
 from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
 from .mapping import Entry, WeightMap, map_by_file, map_by_rules, read_mapping, write_mapping
+from .output import preflight, write_file_atomically, write_folder_atomically
 from .progress import stage
 from .rules import ALIGN_RULES
 from .spec import AlignSpec, derive_spec
@@ -70,19 +68,7 @@ class ConversionResult:
     rows: list[dict] = field(default_factory=list)  # per-layer divergence, when traced
     hints: list[str] = field(default_factory=list)  # run-level cause hints
     report: Path | None = None
-
-
-def check_destination(path: Path, overwrite: bool) -> None:
-    """Refuse, before any heavy work, a destination we must not or cannot write."""
-    if path.exists() and not path.is_dir():
-        raise BadInputError(f"output path {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise BadInputError(f"output folder {path} is not empty; pass --overwrite to replace it")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise BadInputError(f"the parent folder of {path} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"cannot write into {parent} (read-only or no permission)")
+    pushed_to: str | None = None  # the hub repository, after --push_to_hub
 
 
 def load_inputs(options: ConvertOptions, processor, spec: AlignSpec) -> Inputs:
@@ -114,26 +100,45 @@ def hf_embed(model: torch.nn.Module, inputs: Inputs) -> dict[str, np.ndarray]:
     return out
 
 
-def save_atomically(model, processor, destination: Path, overwrite: bool) -> Path:
-    """Write into a temporary folder beside the destination and rename it into place only when complete."""
-    destination = Path(destination)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.resolve().parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if destination.exists():
-            if not overwrite and any(destination.iterdir()):
-                raise BadInputError(f"output folder {destination} appeared during the run; not replacing it")
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            destination.rename(old)
-            tmp.rename(destination)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return destination
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and bytes (NaN included, which `torch.equal` calls unequal to itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8),
+                       b.detach().reshape(-1).contiguous().view(torch.uint8))
+
+
+def save_verified(model, processor, inputs: Inputs, hf_out: dict, destination: Path, overwrite: bool,
+                  timings: dict, atol: float = DEFAULT_ATOL) -> tuple[Path, float]:
+    """Save model and processor into a temporary folder beside `destination`, reload it from there and check it
+    (every tensor bit for bit, the temperature, and the outputs within `atol`: two model instances may round
+    differently in the last bit, as CPU kernels depend on memory alignment); only then rename it into place.
+    Returns the folder and the reloaded outputs' max |Δ|."""
+    from transformers import AlignModel
+
+    checked: dict[str, float] = {}
+
+    def fill(tmp: Path) -> None:
+        with stage("save", timings):
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+
+    def verify(tmp: Path) -> None:
+        with stage("reload check", timings):
+            reloaded = AlignModel.from_pretrained(tmp).eval()
+            ours, theirs = model.state_dict(), reloaded.state_dict()
+            differ = sorted(k for k in ours.keys() | theirs.keys()
+                            if k not in ours or k not in theirs or not _same_bits(ours[k], theirs[k]))
+            again = hf_embed(reloaded, inputs)
+            worst = max(max_abs(again[k], hf_out[k]) for k in ("image_features", "text_features"))
+            if differ or not worst <= atol:
+                raise ParityError(f"the saved model reloads differently ({len(differ)} tensor(s) differ: "
+                                  f"{differ[:10]}; outputs max|Δ| {worst:.2e}); nothing was written to "
+                                  f"{destination}: this is a bug in saving, please report it")
+            checked["max_abs"] = worst
+
+    saved = write_folder_atomically(destination, fill, overwrite, verify)
+    return saved, checked["max_abs"]
 
 
 def _mode(options: ConvertOptions) -> str:
@@ -214,13 +219,15 @@ def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:
 
 
 def convert(options: ConvertOptions) -> ConversionResult:
-    from .keras_ref.align import build_reference, embed, reference_variables  # heavy: imports TensorFlow
-
     timings: dict[str, float] = {}
     mode = _mode(options)
+    preflight(options)  # output folders and files, before any heavy work
     destination = Path(options.pytorch_dump_folder_path)
-    if options.save_model:
-        check_destination(destination, options.overwrite)
+    save = options.save_model or options.push_to_hub  # a push uploads the saved, reloaded and checked folder
+    if options.push_to_hub and (problem := hub_problem()):
+        logger.warning("the push will fail after the model is saved to %s: %s", destination, problem)
+
+    from .keras_ref.align import build_reference, embed, reference_variables  # heavy: imports TensorFlow
 
     with stage("read checkpoint", timings):
         checkpoint = open_checkpoint(options.checkpoint_path)
@@ -258,13 +265,19 @@ def convert(options: ConvertOptions) -> ConversionResult:
         traced = trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings)
         weight_map, coverage, keras_out, hf_out = traced.weight_map, traced.coverage, traced.keras_out, traced.hf_out
         if options.mapping_out:
-            write_mapping(weight_map.entries, options.mapping_out)
+            write_mapping_file(weight_map.entries, options.mapping_out)
         if traced.conflicts:
-            raise ConversionError(f"{len(traced.conflicts)} mapping conflict(s) between the table and the tracer: "
-                                  + "; ".join(traced.conflicts[:10]))
+            where = f"written to {options.mapping_out}" if options.mapping_out else "write it with --mapping_out"
+            raise ConversionError(
+                f"{len(traced.conflicts)} mapping conflict(s) between the table and the tracer: "
+                + "; ".join(traced.conflicts[:10])
+                + f". Fix or drop those entries of the table (--mapping_file), or let the tracer decide with "
+                  f"--mapping infer; the mapping ({where}) shows both sides")
         if coverage is None:
-            raise ConversionError(f"{len(traced.unmapped)} checkpoint weight(s) could not be mapped: "
-                                  f"{traced.unmapped[:20]}")
+            raise ConversionError(
+                f"{len(traced.unmapped)} checkpoint weight(s) have no place in AlignModel: {traced.unmapped[:20]}; "
+                "the checkpoint holds weights the ALIGN architecture does not (is it a coyo-align ALIGN "
+                "checkpoint?), or map them explicitly in a --mapping_file")
     else:
         weight_map = table
         with stage("copy weights", timings):
@@ -273,7 +286,7 @@ def convert(options: ConvertOptions) -> ConversionResult:
                 keras_variables=reference_variables(keras_model), allow_nonfinite=options.allow_nonfinite,
             )
         if options.mapping_out:
-            write_mapping(weight_map.entries, options.mapping_out)
+            write_mapping_file(weight_map.entries, options.mapping_out)
         with stage("run Keras", timings):
             keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
                               inputs.token_type_ids)
@@ -296,34 +309,59 @@ def convert(options: ConvertOptions) -> ConversionResult:
 
             where = options.report_dir or Path("reports") / default_run_name(options.checkpoint_path)
             result.report = write_report(result, where, options.checkpoint_path)
-    if not parity.ok:
-        raise ParityError(f"the converted model does not match the checkpoint: {parity.describe()}")
-    off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and v > options.atol}
+    nothing = " Nothing was saved." if save else ""
+    if not parity.ok:  # NaN metrics fail too: every comparison with NaN is False
+        look = (f"the per-layer report in {result.report} shows where it diverges" if result.report
+                else "rerun with --trace to find the first layer that diverges")
+        raise ParityError(f"the converted model does not match the checkpoint: {parity.describe()}; {look}.{nothing}")
+    off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and not v <= options.atol}
     if off:
-        raise ParityError(f"the converted model does not match the reference outputs in {inputs.source}: {off}")
+        raise ParityError(f"the converted model matches the Keras reference but not the reference outputs in "
+                          f"{inputs.source}: {off} (atol {options.atol:g}); those outputs were computed from other "
+                          f"weights or other inputs, or the reference model differs from the original.{nothing}")
 
-    if options.save_model:
-        with stage("save", timings):
-            result.saved_to = save_atomically(hf_model, processor, destination, options.overwrite)
-        with stage("reload check", timings):
-            from transformers import AlignModel
-
-            reloaded = AlignModel.from_pretrained(result.saved_to).eval()
-            again = hf_embed(reloaded, inputs)
-            result.reload_max_abs = max(max_abs(again[k], hf_out[k]) for k in ("image_features", "text_features"))
-            if result.reload_max_abs > 0 or float(reloaded.temperature.detach()) != float(hf_model.temperature.detach()):
-                raise ParityError(f"the saved model reloads differently (max|Δ| {result.reload_max_abs:.2e})")
+    if save:
+        result.saved_to, result.reload_max_abs = save_verified(hf_model, processor, inputs, hf_out, destination,
+                                                               options.overwrite, timings, options.atol)
     if options.push_to_hub:
         with stage("push to hub", timings):
-            push(hf_model, processor, options)
+            result.pushed_to = push(result.saved_to, options)
     return result
 
 
-def push(model, processor, options: ConvertOptions) -> None:
-    repo_id = options.hub_repo_id or Path(options.pytorch_dump_folder_path).name
+def write_mapping_file(entries: list[Entry], path: str) -> Path:
+    """`--mapping_out`, written beside and renamed into place."""
+    return write_file_atomically(path, lambda tmp: write_mapping(entries, tmp))
+
+
+def hub_problem() -> str | None:
+    """Why a push cannot work, known without touching the network; None when it may."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so nothing can be pushed to the hub: unset it"
+    if not get_token():
+        return "no Hugging Face token found: log in with `hf auth login` or set HF_TOKEN"
+    return None
+
+
+def push(folder: Path, options: ConvertOptions) -> str:
+    """Upload the saved (and reload-checked) folder; `PushError` (exit 4) on any failure, the folder is kept."""
+    repo_id = options.hub_repo_id or Path(options.pytorch_dump_folder_path).resolve().name
+    retry = (f"the converted model is saved and kept in {folder}; upload it later with `hf upload {repo_id} "
+             f"{folder}`")
+    problem = hub_problem()
+    if problem:  # fail fast, without trying the network
+        raise PushError(f"cannot push to the hub as `{repo_id}`: {problem}; {retry}")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
     try:
-        model.push_to_hub(repo_id)
-        processor.push_to_hub(repo_id)
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                          commit_message="ALIGN converted from a coyo-align checkpoint")
     except Exception as exc:  # the hub client raises many types; all mean the same to the user
-        where = f" (the local copy in {options.pytorch_dump_folder_path} is kept)" if options.save_model else ""
-        raise TracerError(f"push to the hub as `{repo_id}` failed: {exc}{where}") from exc
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PushError(f"push to the hub as `{repo_id}` failed ({type(exc).__name__}: {cause}); check the "
+                        f"network, the token's write access and the repository name; {retry}") from exc
+    return repo_id

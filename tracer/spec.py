@@ -37,6 +37,8 @@ TEMPERATURE_NAMES = ("Variable", "temperature")
 _BLOCK = re.compile(r"^block(\d+)([a-z])_")
 _BERT_LAYER = re.compile(r"^(?P<scope>.+?/bert)/encoder/layer_\._(\d+)/")
 _DENSE_KERNEL = re.compile(r"^dense(_\d+)?/kernel$")
+NOT_ALIGN = ("is this a coyo-align ALIGN checkpoint? Pass the weights its training saved (model.save_weights); a "
+             "checkpoint of another architecture cannot be converted to AlignModel")
 
 
 def round_filters(filters: int, width: float, divisor: int = DEPTH_DIVISOR) -> int:
@@ -134,19 +136,23 @@ def derive_vision(shapes: Mapping[str, Sequence[int]], image_size: int = 289) ->
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
     if "stem_conv/kernel" not in shapes or not blocks:
-        raise ConversionError("no EfficientNet image tower found: expected `stem_conv/kernel` and `block1a_*` variables")
+        raise ConversionError("no EfficientNet image tower found: expected `stem_conv/kernel` and `block1a_*` "
+                              f"variables; {NOT_ALIGN}")
     if sorted(blocks) != list(range(1, len(BASE_STAGES) + 1)):
-        raise ConversionError(f"EfficientNet stages found: {sorted(blocks)}; expected 1..{len(BASE_STAGES)}")
+        raise ConversionError(f"EfficientNet stages found: {sorted(blocks)}; expected 1..{len(BASE_STAGES)}: the image "
+                              f"tower is incomplete or not an EfficientNet; {NOT_ALIGN}")
     repeats = [len(blocks[i + 1]) for i in range(len(BASE_STAGES))]
     for i, letters in blocks.items():
         if sorted(letters) != [chr(97 + j) for j in range(len(letters))]:
-            raise ConversionError(f"EfficientNet stage {i} has non-contiguous blocks: {sorted(letters)}")
+            raise ConversionError(f"EfficientNet stage {i} has non-contiguous blocks: {sorted(letters)}: variables of "
+                                  "the missing blocks were lost; use a complete checkpoint")
 
     channels = [(STEM_FILTERS, shapes["stem_conv/kernel"][-1])]
     for i, stage in enumerate(BASE_STAGES):
         kernel = shapes.get(f"block{i + 1}a_project_conv/kernel")
         if kernel is None:
-            raise ConversionError(f"missing `block{i + 1}a_project_conv/kernel`")
+            raise ConversionError(f"missing `block{i + 1}a_project_conv/kernel`, needed to derive the EfficientNet "
+                                  "width: the checkpoint is incomplete; use a complete checkpoint")
         channels.append((stage[3], kernel[-1]))
 
     named_w = sorted({w for w, _ in NAMED_VARIANTS.values()})
@@ -161,9 +167,13 @@ def derive_vision(shapes: Mapping[str, Sequence[int]], image_size: int = 289) ->
         lambda d: [round_repeats(s[1], d) for s in BASE_STAGES] == repeats,
     )
     if width is None:
-        raise ConversionError(f"no EfficientNet width coefficient gives these channel counts: {channels}")
+        raise ConversionError(f"no EfficientNet width coefficient gives these channel counts (base, found): "
+                              f"{channels}; AlignModel only builds EfficientNets scaled by a width coefficient, so it "
+                              "cannot hold this image tower")
     if depth is None:
-        raise ConversionError(f"no EfficientNet depth coefficient gives these block repeats: {repeats}")
+        raise ConversionError(f"no EfficientNet depth coefficient gives these block repeats: {repeats}; AlignModel "
+                              "only builds EfficientNets scaled by a depth coefficient, so it cannot hold this image "
+                              "tower")
     # Keras adds a residual to any stride-1 block whose width is unchanged; HF's AlignVision never does in a
     # stage's first block. Such a network (very narrow widths) has no AlignModel equivalent.
     for i, (_, _, f_in, f_out, _, stride) in enumerate(BASE_STAGES):
@@ -171,7 +181,7 @@ def derive_vision(shapes: Mapping[str, Sequence[int]], image_size: int = 289) ->
             raise ConversionError(
                 f"block{i + 1}a keeps {round_filters(f_in, width)} channels at stride 1, so the Keras EfficientNet adds a "
                 "residual there, which transformers' AlignVision never adds to a stage's first block: AlignModel "
-                f"cannot reproduce this network (width coefficient {width})"
+                f"cannot reproduce this network (width coefficient {width}); it cannot be converted"
             )
     # Prefer a named variant's pair when both coefficients fit it.
     for w, d in NAMED_VARIANTS.values():
@@ -188,22 +198,27 @@ def derive_text(shapes: Mapping[str, Sequence[int]], seq_length: int = 64) -> Te
         if m:
             layers.setdefault(m.group("scope"), set()).add(int(m.group(2)))
     if not layers:
-        raise ConversionError("no BERT text tower found: expected `…/bert/encoder/layer_._N/…` variables")
+        raise ConversionError(f"no BERT text tower found: expected `…/bert/encoder/layer_._N/…` variables; {NOT_ALIGN}")
     if len(layers) > 1:
-        raise ConversionError(f"more than one BERT found in the checkpoint: {sorted(layers)}")
+        raise ConversionError(f"more than one BERT found in the checkpoint: {sorted(layers)}; AlignModel has one "
+                              "text tower, so it cannot hold this checkpoint")
     scope, indices = next(iter(layers.items()))
     if sorted(indices) != list(range(len(indices))):
-        raise ConversionError(f"BERT encoder layers are not contiguous: {sorted(indices)}")
+        raise ConversionError(f"BERT encoder layers are not contiguous: {sorted(indices)}: variables of the missing "
+                              "layers were lost; use a complete checkpoint")
 
     def shape(suffix: str) -> Sequence[int]:
         name = f"{scope}/{suffix}"
         if name not in shapes:
-            raise ConversionError(f"missing BERT variable `{name}`")
+            raise ConversionError(f"missing BERT variable `{name}`, needed to derive the BERT sizes: the checkpoint "
+                                  "is incomplete; use a complete checkpoint")
         return shapes[name]
 
     vocab, hidden = shape("embeddings/word_embeddings/weight")
     if hidden % BERT_HEAD_SIZE:
-        raise ConversionError(f"BERT hidden size {hidden} is not a multiple of {BERT_HEAD_SIZE}: cannot derive heads")
+        raise ConversionError(f"BERT hidden size {hidden} is not a multiple of {BERT_HEAD_SIZE}: the number of "
+                              f"attention heads cannot be derived (coyo builds hidden // {BERT_HEAD_SIZE} heads, and the "
+                              "weights do not record it), so this text tower cannot be converted")
     return TextSpec(
         vocab_size=int(vocab),
         hidden_size=int(hidden),
@@ -222,21 +237,29 @@ def derive_spec(shapes: Mapping[str, Sequence[int]], image_size: int = 289, seq_
     vision = derive_vision(shapes, image_size)
     text = derive_text(shapes, seq_length)
 
+    # Never pick a projection by name: coyo's B0-B6 models name the image tower's Dense `dense` and the text one
+    # `dense_1`, so `dense/kernel` is not always the text projection.
     dense = sorted(n for n in shapes if _DENSE_KERNEL.match(n))
     text_dense = [n for n in dense if shapes[n][0] == text.hidden_size]
-    image_dense = [n for n in dense if n not in text_dense]
-    if image_dense:
+    if len(dense) > 1:
+        listing = ", ".join(f"{n} {tuple(shapes[n])}" for n in dense)
+        image = [n for n in dense if n not in text_dense] or dense
         raise ConversionError(
-            f"the image tower has its own Dense projection ({', '.join(image_dense)}), as coyo builds for B0-B6; "
-            "transformers' AlignModel has no image projection, so it cannot hold this checkpoint"
+            f"the checkpoint has {len(dense)} Dense projections ({listing}): the image tower has its own Dense "
+            f"projection ({', '.join(image)} takes the image features, {vision.hidden_dim} wide), as coyo builds for "
+            "EfficientNet B0-B6; transformers' AlignModel has no image projection, so it cannot hold this checkpoint "
+            "(only coyo's B7 layout, one text projection, converts)"
         )
     if len(text_dense) != 1:
-        raise ConversionError(f"expected one text projection Dense with input size {text.hidden_size}, found {dense}")
+        found = ", ".join(f"{n} {tuple(shapes[n])}" for n in dense) or "none"
+        raise ConversionError(f"expected one text projection Dense `dense/kernel` with input size {text.hidden_size} "
+                              f"(the BERT hidden size), found: {found}; the checkpoint is incomplete or not ALIGN")
     projection = text_dense[0].rsplit("/", 1)[0]
 
     temperature = [n for n in TEMPERATURE_NAMES if n in shapes and len(shapes[n]) == 0]
     if not temperature:
-        raise ConversionError(f"no scalar temperature variable found (looked for {', '.join(TEMPERATURE_NAMES)})")
+        raise ConversionError(f"no scalar temperature variable found (looked for {', '.join(TEMPERATURE_NAMES)}); "
+                              "the checkpoint is incomplete or not an ALIGN checkpoint")
     return AlignSpec(
         vision=vision,
         text=text,

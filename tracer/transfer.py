@@ -49,15 +49,18 @@ def transfer(
         weight_map = WeightMap([Entry(n, "", "identity") for n in checkpoint_names])
     elif weight_map.unmatched:
         raise ConversionError(
-            f"{len(weight_map.unmatched)} checkpoint weight(s) have no mapping: {weight_map.unmatched[:20]}"
+            f"{len(weight_map.unmatched)} checkpoint weight(s) have no place in AlignModel: "
+            f"{weight_map.unmatched[:20]}; the checkpoint holds weights ALIGN does not have (is it a coyo-align "
+            "ALIGN checkpoint?), or your --mapping_file lacks them: add them to it, or run with --trace to infer them"
         )
     if keras_variables is not None:
         missing = sorted(set(keras_variables) - set(checkpoint_names))
         extra = sorted(set(checkpoint_names) - set(keras_variables))
         if missing or extra:
             raise ConversionError(
-                f"checkpoint and reference model disagree: {len(missing)} model variable(s) not in the checkpoint "
-                f"{missing[:10]}, {len(extra)} checkpoint weight(s) not in the model {extra[:10]}"
+                f"checkpoint and the ALIGN derived from it disagree: {len(missing)} variable(s) missing from the "
+                f"checkpoint {missing[:10]}, {len(extra)} extra checkpoint weight(s) {extra[:10]}; the checkpoint is "
+                "incomplete or holds more than coyo-align's ALIGN: use the complete checkpoint its training saved"
             )
 
     tensors: dict[str, torch.Tensor] = {}
@@ -72,7 +75,9 @@ def transfer(
             var = keras_variables[entry.variable]
             if tuple(var.shape) != array.shape:
                 raise ConversionError(
-                    f"`{entry.variable}`: checkpoint shape {array.shape}, reference model shape {tuple(var.shape)}"
+                    f"`{entry.variable}`: checkpoint shape {array.shape}, but the ALIGN derived from the checkpoint's "
+                    f"other variables needs {tuple(var.shape)}; the checkpoint's layers do not fit one ALIGN "
+                    "configuration, so it cannot be converted (was it edited or assembled from several models?)"
                 )
             var.assign(array)
         if hf_model is not None:
@@ -82,7 +87,8 @@ def transfer(
     if nonfinite:
         if not allow_nonfinite:
             raise BadInputError(
-                f"{len(nonfinite)} weight(s) hold NaN or Inf: {nonfinite[:20]}; pass --allow_nonfinite to convert anyway"
+                f"{len(nonfinite)} weight(s) hold NaN or Inf: {nonfinite[:20]}; the checkpoint is damaged or its "
+                "training diverged: use an earlier checkpoint, or pass --allow_nonfinite to convert it anyway"
             )
         logger.warning("converting %d weight(s) that hold NaN or Inf: %s", len(nonfinite), nonfinite[:20])
 
