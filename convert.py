@@ -120,6 +120,10 @@ def _run(args: argparse.Namespace) -> int:
                 options.inputs_file = str(bundle / "reference.npz")
         result = convert(options)
     except TracerError as exc:
+        if getattr(exc, "result", None) is not None and exc.result.rows:
+            from tracer.report import format_summary
+
+            print("\n" + format_summary(exc.result))
         logger.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt as exc:
@@ -150,11 +154,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"saved to {result.saved_to} (reload max|Δ| {result.reload_max_abs:.1e})")
     if result.pushed_to:
         print(f"pushed to the hub: {result.pushed_to}")
-    for hint in result.hints:
-        print(f"hint: {hint}")
     if result.report:
-        print(f"report: {result.report} ({len(result.rows)} layers, "
-              f"{sum(r['status'] == 'diverged' for r in result.rows)} diverged)")
+        from tracer.report import format_summary
+
+        print(format_summary(result))
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     return 0
 

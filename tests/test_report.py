@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tracer.transfer import tensor_checksum
+
 from tracer import compare, report
 from tracer.compare import Parity
 from tracer.mapping import Entry
@@ -155,15 +157,15 @@ def test_status_precedence():
 def test_mapping_checksums_when_the_transfer_provides_them(tmp_path):
     ents = entries()
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
-    ents[1].keras_checksum = report.tensor_checksum(array)
-    ents[1].hf_checksum = report.tensor_checksum(array.T)
+    ents[1].keras_checksum = tensor_checksum(array)
+    ents[1].hf_checksum = tensor_checksum(array.T)
     folder = report.write_report(result(ents=ents), tmp_path / "r", "ckpt")
     mapping = pd.read_csv(folder / "mapping.csv", keep_default_na=False, dtype=str)
-    assert mapping.loc[1, "keras_checksum"] == report.tensor_checksum(array.copy())
+    assert mapping.loc[1, "keras_checksum"] == tensor_checksum(array.copy())
     assert mapping.loc[1, "hf_checksum"] != mapping.loc[1, "keras_checksum"]
     assert mapping.loc[0, "keras_checksum"] == ""
-    assert report.tensor_checksum(array) != report.tensor_checksum(array.astype(np.float64))
-    assert report.tensor_checksum(array) != report.tensor_checksum(array.reshape(3, 2))
+    assert tensor_checksum(array) != tensor_checksum(array.astype(np.float64))
+    assert tensor_checksum(array) != tensor_checksum(array.reshape(3, 2))
 
 
 # ------------------------------------------------------------------------------------------------ summary.json

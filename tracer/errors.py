@@ -23,9 +23,14 @@ class ConversionError(TracerError):
 
 
 class ParityError(TracerError):
-    """The converted model does not compute what the original computes."""
+    """The converted model does not compute what the original computes. `result` holds the run's findings
+    (rows, hints, report path) when they were gathered before the failure."""
 
     exit_code = 1
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class PushError(TracerError):

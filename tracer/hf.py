@@ -107,6 +107,9 @@ def rebuild_buffers(model: torch.nn.Module) -> None:
 def materialize_uninitialized(model: torch.nn.Module) -> torch.nn.Module:
     """Give a meta model real but uninitialised storage: enough to run it for shapes and call order."""
     model.to_empty(device="cpu")
+    with torch.no_grad():  # zeros, not leftover bytes: NaNs and denormals make a CPU forward crawl
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.zero_()
     rebuild_buffers(model)
     return model
 

@@ -50,6 +50,8 @@ class Entry:
     keras_shape: tuple[int, ...] = ()
     hf_shape: tuple[int, ...] = ()
     status: str = ""
+    keras_checksum: str = ""  # of the checkpoint tensor, and of what the HF parameter received
+    hf_checksum: str = ""
 
     def row(self) -> dict:
         row = asdict(self)

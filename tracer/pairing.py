@@ -97,7 +97,7 @@ def score_matrices(keras: list[Record], torch: list[Record]) -> tuple[np.ndarray
     kr, tr = col(keras, lambda r: r.role, roles)[:, None], col(torch, lambda r: r.role, roles)[None, :]
     ka, ta = col(keras, lambda r: r.activation, acts)[:, None], col(torch, lambda r: r.activation, acts)[None, :]
     k_container = np.array([r.is_container for r in keras])[:, None]
-    none_sig = sigs[()]
+    none_sig = sigs.get((), -1)  # -1: no record is unweighted
 
     same_kind, same_shape = kk == tk, ks == ts
     weights_ok = (kw == tw)

@@ -97,7 +97,6 @@ back as a `--mapping_file`.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
@@ -145,19 +144,6 @@ def default_run_name(checkpoint_path: str) -> str:
     path = Path(checkpoint_path.rstrip("/"))
     name = f"{path.parent.name}-{path.name}" if path.parent.name else path.name
     return f"{name or 'checkpoint'}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def tensor_checksum(array) -> str:
-    """A short content checksum of an array (dtype, shape and bytes): what `keras_checksum`/`hf_checksum` hold.
-
-    Offered for the transfer to call; the report itself only prints what the entries carry."""
-    import numpy as np
-
-    a = np.ascontiguousarray(array)
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{a.dtype.str}:{'x'.join(map(str, a.shape))}:".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ helpers

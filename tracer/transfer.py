@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -29,6 +30,15 @@ class Coverage:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("hf_tensors_written", "hf_tensors_total",
                                               "checkpoint_weights_used", "checkpoint_weights_total")}
+
+
+def tensor_checksum(array: np.ndarray) -> str:
+    """A short content hash (dtype, shape, bytes): the mapping file's `keras_checksum` / `hf_checksum`."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{a.dtype.str}:{'x'.join(map(str, a.shape))}:".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def transfer(
@@ -83,6 +93,7 @@ def transfer(
         if hf_model is not None:
             value = get_transform(entry.transform)(array)
             entry.hf_shape = tuple(value.shape)
+            entry.keras_checksum, entry.hf_checksum = tensor_checksum(array), tensor_checksum(value)
             tensors[entry.parameter] = torch.from_numpy(value)
     if nonfinite:
         if not allow_nonfinite:
