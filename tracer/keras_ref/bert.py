@@ -153,10 +153,13 @@ class TFBertSelfAttention(tf_keras.layers.Layer):
         return tf.reshape(context, (batch_size, -1, self.all_head_size))
 
 
-class TFBertSelfOutput(tf_keras.layers.Layer):
-    def __init__(self, text: TextSpec, **kwargs):
+class _ResidualOutput(tf_keras.layers.Layer):
+    """dense -> dropout -> LayerNorm(x + residual): TF BERT's SelfOutput and Output differ only in input width."""
+
+    def __init__(self, text: TextSpec, input_size: int, **kwargs):
         super().__init__(**kwargs)
         self.hidden_size = text.hidden_size
+        self.input_size = input_size
         self.dense = _dense(text.hidden_size, "dense")
         self.LayerNorm = tf_keras.layers.LayerNormalization(epsilon=text.layer_norm_eps, name="LayerNorm")
         self.dropout = tf_keras.layers.Dropout(rate=HIDDEN_DROPOUT)
@@ -165,13 +168,18 @@ class TFBertSelfOutput(tf_keras.layers.Layer):
         if self.built:
             return
         self.built = True
-        _build_child(self.dense, [None, None, self.hidden_size])
+        _build_child(self.dense, [None, None, self.input_size])
         _build_child(self.LayerNorm, [None, None, self.hidden_size])
 
     def call(self, hidden_states, input_tensor, training=False):
         hidden_states = self.dense(hidden_states)
         hidden_states = self.dropout(hidden_states, training=training)
         return self.LayerNorm(hidden_states + input_tensor)
+
+
+class TFBertSelfOutput(_ResidualOutput):
+    def __init__(self, text: TextSpec, **kwargs):
+        super().__init__(text, text.hidden_size, **kwargs)
 
 
 class TFBertAttention(tf_keras.layers.Layer):
@@ -209,26 +217,9 @@ class TFBertIntermediate(tf_keras.layers.Layer):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class TFBertOutput(tf_keras.layers.Layer):
+class TFBertOutput(_ResidualOutput):
     def __init__(self, text: TextSpec, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_size = text.hidden_size
-        self.intermediate_size = text.intermediate_size
-        self.dense = _dense(text.hidden_size, "dense")
-        self.LayerNorm = tf_keras.layers.LayerNormalization(epsilon=text.layer_norm_eps, name="LayerNorm")
-        self.dropout = tf_keras.layers.Dropout(rate=HIDDEN_DROPOUT)
-
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        self.built = True
-        _build_child(self.dense, [None, None, self.intermediate_size])
-        _build_child(self.LayerNorm, [None, None, self.hidden_size])
-
-    def call(self, hidden_states, input_tensor, training=False):
-        hidden_states = self.dense(hidden_states)
-        hidden_states = self.dropout(hidden_states, training=training)
-        return self.LayerNorm(hidden_states + input_tensor)
+        super().__init__(text, text.intermediate_size, **kwargs)
 
 
 class TFBertLayer(tf_keras.layers.Layer):
