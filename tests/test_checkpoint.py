@@ -21,7 +21,9 @@ keras = pytest.importorskip("tf_keras")
 from tracer.checkpoint import Checkpoint, Variable, _table_entries, open_checkpoint  # noqa: E402
 from tracer.errors import BadInputError, ConversionError  # noqa: E402
 
-FIXTURE = Path("/work/shared/fixtures/coyo_mini")
+from conftest import FIXTURES  # noqa: E402
+
+FIXTURE = FIXTURES / "coyo_mini"
 OPTIMIZERS = ("adam", "legacy_adam", "sgd_momentum", "legacy_rmsprop")
 
 
@@ -244,7 +246,8 @@ def test_unknown_weight_and_closed_checkpoint(saved):
 # the real fixture written by coyo-align's training code
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason="/work/shared/fixtures/coyo_mini (real coyo checkpoint) is absent")
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"{FIXTURE} (the real coyo checkpoint) is absent: the shared "
+                    "fixtures come with the project's workspace, not with a plain clone")
 def test_coyo_fixture_matches_variables_json():
     listed = json.loads((FIXTURE / "variables.json").read_text())["variables"]
     expected = {name[:-2]: tuple(shape) for name, shape in listed if name not in ("total:0", "count:0")}

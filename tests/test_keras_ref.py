@@ -27,7 +27,8 @@ from tracer.keras_ref import (  # noqa: E402
 from tracer.keras_ref import bert as bert_module  # noqa: E402
 from tracer.spec import derive_spec, round_filters  # noqa: E402
 
-FIXTURES = Path(os.environ.get("TRACER_FIXTURES", "/work/shared/fixtures"))
+from conftest import FIXTURES  # noqa: E402
+
 MINI = FIXTURES / "coyo_mini"
 MINI_PREFIX = MINI / "model-weights"
 B7_JSON = FIXTURES / "coyo_b7_bert_base_variables.json"
@@ -37,7 +38,7 @@ OUTPUT_KEYS = ("image_features", "text_features", "image_embeds", "text_embeds")
 
 def _need(path: Path) -> None:
     if not path.exists():
-        pytest.skip(f"shared fixture {path} is absent (set TRACER_FIXTURES to the fixtures folder)")
+        pytest.skip(f"{path} is absent: the shared fixtures come with the project's workspace, not with a plain clone")
 
 
 def read_object_graph(prefix) -> tuple[dict[str, str], object]:
