@@ -177,6 +177,18 @@ def _set_realistic_weights(model, seed: int, temperature: float) -> None:
             variable.assign(realistic_value(name, tuple(variable.shape), seed))
 
 
+def randomize_batch_norm(model, seed: int) -> None:
+    """Uncalibrated moving statistics: small variances, so each BatchNorm amplifies (x2.2-4.5)."""
+    from .keras_ref.align import reference_variables
+
+    for name, variable in reference_variables(model).items():
+        rng, shape = _rng_for(seed + 1, name), tuple(variable.shape)
+        if name.endswith("moving_mean"):
+            variable.assign(rng.normal(0.0, 0.5, size=shape).astype(np.float32))
+        elif name.endswith("moving_variance"):
+            variable.assign(rng.uniform(0.05, 0.2, size=shape).astype(np.float32))
+
+
 def calibrate_batch_norm(model, images: np.ndarray) -> None:
     """Set every BatchNorm's moving statistics to the batch statistics it sees on `images`.
 
@@ -248,6 +260,7 @@ def write_demo_checkpoint(
     *,
     timings: dict | None = None,
     return_model: bool = False,
+    calibrate: bool = True,
 ):
     """Write a coyo-style ALIGN checkpoint for `spec` and return its path.
 
@@ -283,7 +296,10 @@ def write_demo_checkpoint(
     lap("weights")
     images = synthetic_images(CALIBRATION_BATCH, spec.vision.image_size, np.random.default_rng([seed, 11]),
                               alpha=CALIBRATION_ALPHA)
-    calibrate_batch_norm(model, images)
+    if calibrate:
+        calibrate_batch_norm(model, images)
+    else:  # what an untrained or badly converted checkpoint looks like: activations blow up with depth
+        randomize_batch_norm(model, seed)
     lap("calibrate")
     # What the trackers would hold after a step: coyo's loss per direction is about log(batch) at the start.
     for tracker, value in zip(model.metrics, (2 * math.log(CALIBRATION_BATCH), math.log(CALIBRATION_BATCH),
