@@ -24,7 +24,6 @@ from tracer.keras_ref import (  # noqa: E402
     metric_variables,
     reference_variables,
 )
-from tracer.keras_ref import bert as bert_module  # noqa: E402
 from tracer.spec import derive_spec, round_filters  # noqa: E402
 
 from conftest import FIXTURES  # noqa: E402

@@ -100,9 +100,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -357,37 +354,23 @@ def summary(result, checkpoint_path: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ writing
 def write_report(result, destination: str | Path, checkpoint_path: str) -> Path:
+    """Write every report file into a hidden folder beside `destination`, renamed into place when complete."""
+    from .output import write_folder_atomically
+
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    # Named like tracer/output.py's stages (`.NAME.partial-<pid>-…`, `.NAME.old-<pid>`), so that its
-    # clean_leftovers() recognises what a killed run left behind.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-{os.getpid()}-", dir=destination.parent))
-    old = None
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 is for the hidden stage only; a report is an ordinary folder
-        layers_frame(result.rows).to_csv(tmp / "layers.csv", index=False)
-        blocks_frame(result.rows).to_csv(tmp / "blocks.csv", index=False)
-        mapping_frame(result.entries or []).to_csv(tmp / "mapping.csv", index=False)
+
+    def fill(folder: Path) -> None:
+        layers_frame(result.rows).to_csv(folder / "layers.csv", index=False)
+        blocks_frame(result.rows).to_csv(folder / "blocks.csv", index=False)
+        mapping_frame(result.entries or []).to_csv(folder / "mapping.csv", index=False)
         data = summary(result, checkpoint_path)
-        (tmp / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
-        (tmp / "report.html").write_text(render_html(result, data), encoding="utf-8")
-        if destination.exists():
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            destination.rename(old)
-        os.replace(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not destination.exists():
-            old.rename(destination)  # put the previous report back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return destination
+        (folder / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+        (folder / "report.html").write_text(render_html(result, data), encoding="utf-8")
+
+    # The destination was checked (or refused) before the run began; a report is replaced as a whole.
+    return write_folder_atomically(destination, fill, overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------ CLI summary
