@@ -168,8 +168,12 @@ LOCAL_REL_L2 = 1e-4
 # Accumulated: the error carried from the input through every upstream layer. It grows with depth even when
 # every layer is right, so above this a layer is only "amplified" unless its own local error is also too large.
 ACCUMULATED_REL_L2 = 1e-4
+# An absolute difference carried from upstream beyond the embeddings' tolerance, with every layer's own error at
+# round-off, is also "amplified": activations blown up by badly scaled weights (random BatchNorm statistics reach
+# 1e7) make large absolute differences out of float32 round-off.
+AMPLIFIED_MAX_ABS = DEFAULT_ATOL
 TOLERANCES = {"local_rel_l2": LOCAL_REL_L2, "accumulated_rel_l2": ACCUMULATED_REL_L2,
-              "embeds_max_abs": DEFAULT_ATOL}
+              "amplified_max_abs": AMPLIFIED_MAX_ABS, "embeds_max_abs": DEFAULT_ATOL}
 # Without a local measurement, a jump of this factor over the previous layer's accumulated error is a fault.
 FAULT_GROWTH = 100.0
 
@@ -240,17 +244,16 @@ def layer_rows(pairs, entries: list, block_names: list[str]) -> list[dict]:
             before = previous.get(pair.tower)
             metrics["growth"] = acc.rel_l2 / before if before else float("nan")
             previous[pair.tower] = max(acc.rel_l2, 1e-12)
-            status = layer_status(acc.rel_l2, metrics["local_rel_l2"], metrics["growth"])
+            status = layer_status(acc.rel_l2, metrics["local_rel_l2"], metrics["growth"], acc.max_abs)
         row.update(metrics, status=status)
         rows.append(row)
     return rows
 
 
-def layer_status(rel_l2: float, local_rel_l2: float, growth: float) -> str:
-    if local_rel_l2 == local_rel_l2:  # measured (not NaN)
-        if local_rel_l2 > LOCAL_REL_L2:
-            return "diverged"
-        return "amplified" if rel_l2 > ACCUMULATED_REL_L2 else "ok"
+def layer_status(rel_l2: float, local_rel_l2: float, growth: float, max_abs: float = 0.0) -> str:
+    if local_rel_l2 == local_rel_l2 and local_rel_l2 > LOCAL_REL_L2:  # measured (not NaN) and over
+        return "diverged"
     if rel_l2 > ACCUMULATED_REL_L2:
-        return "diverged" if growth == growth and growth > FAULT_GROWTH else "amplified"
-    return "ok"
+        unexplained = local_rel_l2 != local_rel_l2 and growth == growth and growth > FAULT_GROWTH
+        return "diverged" if unexplained else "amplified"
+    return "amplified" if max_abs > AMPLIFIED_MAX_ABS else "ok"

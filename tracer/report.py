@@ -83,7 +83,7 @@ back as a `--mapping_file`.
     towers                   {"vision"|"text": {"layers", "layer_statuses", "first_local_divergence",
                               "first_accumulated_divergence", "final_rel_l2"}}
     diverged_blocks          ["vision/stem", …]: blocks whose status is diverged, in order
-    tolerances               compare.TOLERANCES ({"local_rel_l2", "accumulated_rel_l2", "embeds_max_abs"}, the
+    tolerances               compare.TOLERANCES ({"local_rel_l2", "accumulated_rel_l2", "amplified_max_abs", "embeds_max_abs"}, the
                              last being the run's atol) plus "fault_growth"
     hints                    run-level hints (tracer/diagnose.py)
     reference_max_abs        HF vs reference outputs given with the inputs ({} when none)
