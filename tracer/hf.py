@@ -73,6 +73,13 @@ def build_empty(config: AlignConfig) -> AlignModel:
     return model.eval()
 
 
+def tower_features(model: AlignModel, inputs) -> dict[str, torch.Tensor]:
+    """One forward per tower, as `AlignModel.forward` computes them (image and text may differ in number)."""
+    with torch.inference_mode():
+        return {"image_features": model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output,
+                "text_features": model.get_text_features(**inputs.torch_text()).pooler_output}
+
+
 def expected_state(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every persistent tensor the model saves: name -> (shape, dtype)."""
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}

@@ -91,12 +91,10 @@ def load_inputs(options: ConvertOptions, processor, spec: AlignSpec) -> Inputs:
 
 def hf_embed(model: torch.nn.Module, inputs: Inputs) -> dict[str, np.ndarray]:
     """`image_embeds` and `text_embeds` exactly as `AlignModel.forward` computes them, one tower at a time."""
-    with torch.inference_mode():
-        image = model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output
-        text = model.get_text_features(**inputs.torch_text()).pooler_output
-    out = {"image_features": image.numpy(), "text_features": text.numpy()}
-    out["image_embeds"] = (image / image.norm(p=2, dim=-1, keepdim=True)).numpy()
-    out["text_embeds"] = (text / text.norm(p=2, dim=-1, keepdim=True)).numpy()
+    out = {}
+    for name, features in hf_side.tower_features(model, inputs).items():
+        out[name] = features.numpy()
+        out[name.replace("features", "embeds")] = (features / features.norm(p=2, dim=-1, keepdim=True)).numpy()
     return out
 
 
@@ -152,8 +150,10 @@ def _mode(options: ConvertOptions) -> str:
     return mode
 
 
-def l2_normalize(features: np.ndarray) -> np.ndarray:
-    return features / np.linalg.norm(features, axis=-1, keepdims=True)
+def with_embeds(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tower features plus their L2-normalised `*_embeds`."""
+    return {**features, **{k.replace("features", "embeds"): v / np.linalg.norm(v, axis=-1, keepdims=True)
+                           for k, v in features.items()}}
 
 
 @dataclass
@@ -204,10 +204,8 @@ def trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, 
         mark_mismatches(weight_map.entries, rows)
     keras_features = {"image_features": [r for r in keras_records if r.tower == "vision"][-1].output,
                       "text_features": [r for r in keras_records if r.tower == "text"][-1].output}
-    keras_out = {**keras_features, **{k.replace("features", "embeds"): l2_normalize(v)
-                                      for k, v in keras_features.items()}}
-    hf_out = {**hf_features, **{k.replace("features", "embeds"): l2_normalize(v) for k, v in hf_features.items()}}
-    return Traced(weight_map, conflicts, unmapped, coverage, keras_out, hf_out, pairs, rows)
+    return Traced(weight_map, conflicts, unmapped, coverage, with_embeds(keras_features), with_embeds(hf_features),
+                  pairs, rows)
 
 
 def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:

@@ -84,7 +84,8 @@ def recording(model: torch.nn.Module, keep_outputs: bool = True):
 def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True) -> tuple[list[Record], dict]:
     """One forward per tower, as `AlignModel.forward` computes them: records for both towers, and the
     towers' features (`image_features`, `text_features`, numpy) so no second forward is needed."""
-    with recording(model, keep_outputs) as records, torch.inference_mode():
-        image = model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output
-        text = model.get_text_features(**inputs.torch_text()).pooler_output
-    return records, {"image_features": to_numpy(image), "text_features": to_numpy(text)}
+    from ..hf import tower_features
+
+    with recording(model, keep_outputs) as records:
+        features = tower_features(model, inputs)
+    return records, {k: to_numpy(v) for k, v in features.items()}
