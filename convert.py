@@ -53,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf_config", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override the derived AlignConfig, to test a hypothesis (repeatable), "
                         "e.g. vision_config.batch_norm_eps=1e-5")
+    p.add_argument("--activation_budget_mb", type=float, default=512,
+                   help="--trace: memory for activations while the two models are compared layer by layer; the "
+                        "examples are run in chunks that keep the largest layer's comparison within it")
+    p.add_argument("--max_shard_size", default="2GB",
+                   help="largest safetensors file of the saved model; bigger models are saved in shards")
     p.add_argument("--atol", type=float, default=1e-3, help="tolerance on L2-normalised embeddings")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--allow_nonfinite", action="store_true", help="convert weights that hold NaN or Inf")
@@ -151,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         print("against the reference outputs given: " +
               ", ".join(f"{k} max|Δ| {v:.2e}" for k, v in result.reference_max_abs.items()))
     if result.saved_to:
-        print(f"saved to {result.saved_to} (reload max|Δ| {result.reload_max_abs:.1e})")
+        print(f"saved to {result.saved_to} (reloaded: {result.reload_checked} tensors bit-identical)")
     if result.pushed_to:
         print(f"pushed to the hub: {result.pushed_to}")
     if result.report:

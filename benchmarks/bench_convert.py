@@ -2,12 +2,15 @@
 
     python benchmarks/bench_convert.py                 # ALIGN-base demo checkpoint (written once to demo/base)
     python benchmarks/bench_convert.py --size small    # a quick look
+    python benchmarks/bench_convert.py --modes trace --batch 8   # the activation budget at batch 8
 
 Each mode runs in its own process (so peak RSS is its own) on the same checkpoint and inputs (2 images, 2 texts):
-- `baseline`: the original converter's procedure: build the Keras model and restore it with `load_weights`;
-  build the HF model with its default initialisation; copy every variable through the rename table in a plain
-  loop; one forward each; save.
-- `plain`: `convert.py --save_model`.
+- `baseline`: the original converter's procedure (transformers' `convert_align_tf_to_hf.py`): build the Keras model,
+  compile it and restore it with `load_weights`; gather every variable's value in a dict; build the HF model with
+  its default initialisation; copy through the rename table in a plain loop over all variables; one forward each;
+  save.
+- `plain`: `convert.py --save_model` (no Keras model: weights straight from the checkpoint, the outputs compared
+  with the reference outputs stored with the inputs).
 - `trace`: `convert.py --trace --save_model`.
 Writes benchmarks/results/convert-<size>.json and .csv (wall, CPU, peak RSS, per-phase times) and prints the
 ratios against the baseline with the targets (trace ≤ 0.6× wall, ≤ 0.8× RSS; plain ≤ 0.4× wall, ≤ 0.6× RSS).
@@ -56,27 +59,30 @@ def run_baseline(checkpoint: str, inputs_file: str, out_dir: str) -> dict:
     shapes = {k: tuple(v) for k, v in _weight_shapes(checkpoint).items()}
     spec = derive_spec(shapes)
     keras_model = build_reference(spec)
+    keras_model.compile()
     t = _phase(timings, "build Keras", t)
     keras_model.load_weights(checkpoint).expect_partial()
     t = _phase(timings, "load_weights", t)
-    hf_model = AlignModel(align_config(spec)).eval()  # default (random) initialisation, as the original does
+    # As the original: every variable's value in a dict, then the HF model with its default initialisation.
+    tf_params = {v.name: v.numpy() for v in keras_model.trainable_variables}
+    tf_params.update({v.name: v.numpy() for v in keras_model.non_trainable_variables})
+    hf_model = AlignModel(align_config(spec)).eval()
     t = _phase(timings, "build HF", t)
     table = {e.variable: e for e in map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index()).entries}
     state = hf_model.state_dict()
-    for variable in keras_model.weights:  # a plain loop over all variables
-        name = variable.name.removesuffix(":0")
-        if name in table:
-            entry = table[name]
-            state[entry.parameter].copy_(torch.from_numpy(get_transform(entry.transform)(variable.numpy())))
+    for name, value in tf_params.items():  # a plain loop over all variables
+        entry = table.get(name.removesuffix(":0"))
+        if entry is not None:
+            state[entry.parameter].copy_(torch.from_numpy(get_transform(entry.transform)(value)))
     t = _phase(timings, "copy", t)
     inputs = inputs_from_npz(inputs_file)
-    keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
-                      inputs.token_type_ids)
-    t = _phase(timings, "forward Keras", t)
     with torch.inference_mode():
         out = hf_model(pixel_values=inputs.torch_pixel_values(), **inputs.torch_text())
-    diff = float(np.max(np.abs(out.image_embeds.numpy() - keras_out["image_embeds"])))
     t = _phase(timings, "forward HF", t)
+    keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
+                      inputs.token_type_ids)
+    diff = float(np.max(np.abs(out.image_embeds.numpy() - keras_out["image_embeds"])))
+    t = _phase(timings, "forward Keras", t)
     hf_model.save_pretrained(out_dir)
     _phase(timings, "save", t)
     return {"timings": timings, "image_embeds_max_abs": diff}
@@ -113,7 +119,7 @@ def run_tracer(checkpoint: str, inputs_file: str, out_dir: str, trace: bool) -> 
     result = captured["result"]
     return {"timings": {"imports+cli": round(time.perf_counter() - start - sum(result.timings.values()), 3),
                         **{k: round(v, 3) for k, v in result.timings.items()}},
-            "image_embeds_max_abs": result.parity.image_embeds_max_abs}
+            "image_embeds_max_abs": result.parity.image_embeds_max_abs, "parity_against": result.parity.against}
 
 
 def child(mode: str, checkpoint: str, inputs_file: str) -> None:
@@ -128,15 +134,31 @@ def child(mode: str, checkpoint: str, inputs_file: str) -> None:
         else:
             measured = run_tracer(checkpoint, inputs_file, out, trace=(mode == "trace"))
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    measured.update(tensorflow_imported="tensorflow" in sys.modules)
     measured.update(mode=mode, wall_s=round(time.perf_counter() - wall0, 2),
                     cpu_s=round(time.process_time() - cpu0, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
     print("RESULT " + json.dumps(measured))
+
+
+def _repeated_inputs(inputs_file: str, batch: int) -> str:
+    """The demo's inputs and reference outputs repeated to `batch` rows (same rows, same outputs)."""
+    import numpy as np
+
+    arrays = dict(np.load(inputs_file))
+    repeated = {k: (np.resize(v, (batch, *v.shape[1:])) if v.ndim and k != "temperature" else v)
+                for k, v in arrays.items()}
+    path = Path(tempfile.gettempdir()) / f"tracer-bench-inputs-{batch}.npz"
+    np.savez(path, **repeated)
+    return str(path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="base", choices=["tiny", "small", "base"])
     parser.add_argument("--modes", default="baseline,plain,trace")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="run on this many images and texts (the demo's inputs repeated, with their reference "
+                             "outputs); default: the demo's own 2")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", default=None, help=argparse.SUPPRESS)
@@ -151,6 +173,8 @@ def main() -> int:
 
     bundle = ensure_demo_checkpoint(args.size, ROOT / "demo" / args.size)
     checkpoint, inputs_file = str(bundle / "model-weights"), str(bundle / "reference.npz")
+    if args.batch:
+        inputs_file = _repeated_inputs(inputs_file, args.batch)
     results = {}
     for mode in args.modes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", checkpoint,
@@ -175,9 +199,10 @@ def main() -> int:
                       f"{target['rss']}×, {'met' if rss <= target['rss'] else 'MISSED'})")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    stamp = {"size": args.size, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "modes": results}
-    (out / f"convert-{args.size}.json").write_text(json.dumps(stamp, indent=2) + "\n")
-    with open(out / f"convert-{args.size}.csv", "w") as f:
+    stamp = {"size": args.size, "batch": args.batch or 2, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "modes": results}
+    name = f"convert-{args.size}" + (f"-batch{args.batch}" if args.batch else "")
+    (out / f"{name}.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    with open(out / f"{name}.csv", "w") as f:
         f.write("mode,wall_s,cpu_s,peak_rss_mb,wall_ratio,rss_ratio\n")
         for mode, r in results.items():
             ratios = r.get("ratios", {})

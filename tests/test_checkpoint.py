@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,10 +21,14 @@ from hypothesis import strategies as st
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("tf_keras")
 
-from tracer.checkpoint import Checkpoint, Variable, _table_entries, open_checkpoint  # noqa: E402
+from tracer.checkpoint import (  # noqa: E402
+    Checkpoint, Variable, _proto_decode, _proto_fields, _read_bundle_index, _table_entries, open_checkpoint,
+)
 from tracer.errors import BadInputError, ConversionError  # noqa: E402
 
-from conftest import FIXTURES  # noqa: E402
+from conftest import FIXTURES, shared_fixture  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURE = FIXTURES / "coyo_mini"
 OPTIMIZERS = ("adam", "legacy_adam", "sgd_momentum", "legacy_rmsprop")
@@ -350,14 +357,8 @@ def test_truncated_data_detected_on_open(saved, tmp_path):
 
 
 def _entry_location(prefix: Path, key: str) -> tuple[int, int]:
-    from tensorflow.core.protobuf import tensor_bundle_pb2
-
-    for k, value in _table_entries(Path(str(prefix) + ".index").read_bytes()):
-        if k == key.encode():
-            entry = tensor_bundle_pb2.BundleEntryProto()
-            entry.ParseFromString(value)
-            return entry.offset, entry.size
-    raise AssertionError(key)
+    entry = _read_bundle_index(Path(str(prefix) + ".index")).entries[key]
+    return entry.offset, entry.size
 
 
 def test_corrupted_tensor_detected_on_read(saved, tmp_path):
@@ -370,8 +371,9 @@ def test_corrupted_tensor_detected_on_read(saved, tmp_path):
         f.seek(offset + size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
     with open_checkpoint(prefix) as ckpt:  # opening reads only the index and the object graph
-        with pytest.raises(BadInputError, match=r"cannot read variable 'stem_conv/kernel'.*corrupted"):
+        with pytest.raises(BadInputError, match=r"cannot read variable 'stem_conv/kernel'.*damaged.*corrupted") as err:
             ckpt.read("stem_conv/kernel")
+        assert str(err.value).startswith(str(prefix) + ".data-00000-of-00001: ")
         np.testing.assert_array_equal(ckpt.read("stem_bn/gamma"), expected["stem_bn/gamma"])  # one at a time
 
 
@@ -438,3 +440,194 @@ def test_weights_never_hold_optimizer_or_metric_state(optimizer, units, channels
             for var in ckpt.weights.values():
                 assert not var.key.startswith("optimizer/") and ".OPTIMIZER_SLOT" not in var.key
             np.testing.assert_array_equal(ckpt.read("stem_conv/kernel"), expected["stem_conv/kernel"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reader of its own (no TensorFlow): bit for bit what TensorFlow reads, checksums, refusals
+
+
+def assert_reads_like_tensorflow(prefix) -> int:
+    """Every tensor of the checkpoint, the object graph included, read by tracer.checkpoint equals TensorFlow's
+    reading: same dtype, shape and bytes; listed dtypes and shapes agree too. Returns the count of tensors."""
+    reader = tf.train.load_checkpoint(str(prefix))
+    keys = reader.get_variable_to_shape_map()
+    with open_checkpoint(prefix) as ckpt:
+        listed = {v.key: v for v in ckpt.variables}
+        assert set(listed) == set(keys) - {"_CHECKPOINTABLE_OBJECT_GRAPH"}
+        for key in keys:
+            theirs = reader.get_tensor(key)
+            var = listed.get(key)
+            mine = ckpt.read_variable(var) if var is not None else ckpt._backend.read_key(key)
+            assert mine.flags.writeable, key
+            if isinstance(theirs, bytes):  # TF hands scalar strings out as bytes
+                assert mine.shape == () and mine.dtype == object and mine.item() == theirs, key
+                continue
+            theirs = np.asarray(theirs)
+            assert (mine.dtype, mine.shape) == (theirs.dtype, theirs.shape), key
+            if mine.dtype == object:
+                assert mine.tolist() == theirs.tolist(), key
+            else:
+                assert mine.tobytes() == theirs.tobytes(), key
+            if var is not None:
+                assert (var.dtype, var.shape) == (theirs.dtype.name, theirs.shape), key
+        return len(keys)
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_reader_matches_tensorflow_on_optimizer_layouts(saved, kind, tmp_path):
+    if kind in saved:
+        root = saved[kind][0]
+    else:
+        build_model(kind, n_trackers=3).save_weights(str(tmp_path / "model-weights"))
+        root = tmp_path
+    assert assert_reads_like_tensorflow(root / "model-weights") > 20
+
+
+def test_reader_matches_tensorflow_on_demo_checkpoint(tiny_bundle):
+    assert assert_reads_like_tensorflow(tiny_bundle / "model-weights") > 100
+
+
+def test_reader_matches_tensorflow_on_coyo_fixture():
+    assert assert_reads_like_tensorflow(shared_fixture("coyo_mini") / "model-weights") > 100
+
+
+def test_reader_matches_tensorflow_on_every_dtype(tmp_path):
+    """Each dtype a variable can hold, empty tensors, string arrays and a tensor longer than the checksum chunk."""
+    rng = np.random.RandomState(0)
+    module = tf.Module()
+    for name in ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+                 "uint64", "complex64", "complex128"):
+        value = rng.randn(3, 5) * 100 + (1j * rng.randn(3, 5) if name.startswith("complex") else 0)
+        setattr(module, name, tf.Variable(value.astype(name), name=name))
+    module.bool_ = tf.Variable(rng.rand(7) > 0.5, name="bool")
+    module.bfloat16 = tf.Variable(tf.constant([1.5, -2.25, 3e38, 1e-40], tf.bfloat16), name="bfloat16")
+    module.empty = tf.Variable(np.zeros((0, 3), np.float32), name="empty")
+    module.long = tf.Variable(rng.rand(3, 500_001).astype(np.float32), name="long")  # 6 MB: several CRC chunks
+    module.scalar = tf.Variable(np.int64(-(2 ** 62)), name="scalar")
+    module.text = tf.Variable(b"hello", name="text")
+    module.texts = tf.Variable([[b"", b"a" * 300], ["\u00e9".encode(), b"\x00\xff"]], name="texts")
+    module.no_texts = tf.Variable(tf.constant([], tf.string), name="no_texts")
+    tf.train.Checkpoint(m=module).write(str(tmp_path / "ckpt"))
+    assert assert_reads_like_tensorflow(tmp_path / "ckpt") == 22
+    with open_checkpoint(tmp_path / "ckpt") as ckpt:
+        assert ckpt.read("bfloat16").dtype.name == "bfloat16" and ckpt.weights["bfloat16"].dtype == "bfloat16"
+        assert ckpt.read("texts")[1, 0] == "\u00e9".encode() and ckpt.read("text").item() == b"hello"
+        long = ckpt.read("long")
+        long[0, 0] = 7.0  # the caller's own array
+        assert ckpt.read("long")[0, 0] != 7.0
+
+
+def test_open_and_read_never_import_tensorflow(tiny_bundle):
+    code = f"""
+import sys
+from tracer.checkpoint import open_checkpoint
+with open_checkpoint({str(tiny_bundle / "model-weights")!r}) as ckpt:
+    n = sum(ckpt.read(name).size > 0 for name in ckpt.weights)
+    n += sum(ckpt.read_variable(var).size > 0 for var in ckpt.set_aside)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras", "torch"))
+assert not heavy, heavy
+print(n)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 100
+
+
+def test_damaged_object_graph_and_file_cut_after_opening(saved, tmp_path):
+    root, _ = saved["adam"]
+    prefix = copy_tf(root, tmp_path)
+    data = Path(str(prefix) + ".data-00000-of-00001")
+    offset, size = _entry_location(prefix, "image_encoder/layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE")
+    with open_checkpoint(prefix) as ckpt:  # truncated while open: the read names the file and what is missing
+        os.truncate(data, offset + size // 2)
+        with pytest.raises(BadInputError, match=r"data-00000-of-00001: cannot read variable 'stem_conv/kernel'.*"
+                                                r"the file ends \d+ bytes before its data does.*copy the checkpoint"):
+            ckpt.read("stem_conv/kernel")
+    prefix = copy_tf(root, tmp_path / "graph")
+    offset, size = _entry_location(prefix, "_CHECKPOINTABLE_OBJECT_GRAPH")
+    with open(str(prefix) + ".data-00000-of-00001", "r+b") as f:
+        f.seek(offset + size - 3)
+        byte = f.read(1)
+        f.seek(offset + size - 3)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(BadInputError, match=r"cannot read tensor '_CHECKPOINTABLE_OBJECT_GRAPH'.*damaged"):
+        open_checkpoint(prefix)
+
+
+def test_name_based_and_partitioned_checkpoints_are_refused(tmp_path):
+    tf.raw_ops.SaveV2(prefix=str(tmp_path / "tf1"), tensor_names=["w"], shape_and_slices=[""],
+                      tensors=[tf.zeros((2, 2))])
+    with pytest.raises(BadInputError, match="name-based"):
+        open_checkpoint(tmp_path / "tf1")
+    # a slice of a [4, 2] variable, as a variable partitioner saves it
+    tf.raw_ops.SaveV2(prefix=str(tmp_path / "part"), tensor_names=["dense/kernel"], shape_and_slices=["4 2 0,2:-"],
+                      tensors=[tf.zeros((2, 2))])
+    with pytest.raises(ConversionError, match=r"1 partitioned variable\(s\) \('dense/kernel'\)"):
+        open_checkpoint(tmp_path / "part")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _write_table(path: Path, items: list[tuple[bytes, bytes]]) -> None:
+    """A LevelDB-style table as TF writes an index: one uncompressed data block, an empty metaindex block, an index
+    block and the footer (block checksums are left zero; the reader does not check them)."""
+    def block(pairs):
+        body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in pairs)
+        return body + struct.pack("<II", 0, 1)  # one restart point, at 0
+
+    out, handles = b"", []
+    for body in (block(items), block([])):
+        handles.append(_varint(len(out)) + _varint(len(body)))
+        out += body + b"\x00" + b"\x00" * 4  # trailer: no compression, checksum
+    index = block([(items[-1][0], handles[0])])
+    index_handle = _varint(len(out)) + _varint(len(index))
+    out += index + b"\x00" * 5
+    path.write_bytes(out + (handles[1] + index_handle).ljust(40, b"\x00") + struct.pack("<Q", 0xDB4775248B80FB57))
+
+
+def test_big_endian_and_newer_bundles_are_refused(saved, tmp_path):
+    root, expected = saved["adam"]
+    prefix = copy_tf(root, tmp_path)
+    index = Path(str(prefix) + ".index")
+    items = list(_table_entries(index.read_bytes()))
+    assert items[0][0] == b""
+    _write_table(index, items)  # the table rewritten as it was: still a good checkpoint
+    with open_checkpoint(prefix) as ckpt:
+        np.testing.assert_array_equal(ckpt.read("stem_conv/kernel"), expected["stem_conv/kernel"])
+    _write_table(index, [(b"", items[0][1] + b"\x10\x01")] + items[1:])  # endianness = BIG
+    with pytest.raises(ConversionError, match="big-endian byte order"):
+        open_checkpoint(prefix)
+    _write_table(index, [(b"", items[0][1] + b"\x1a\x02\x10\x02")] + items[1:])  # version { min_consumer: 2 }
+    with pytest.raises(ConversionError, match="tensor-bundle reader of version >= 2"):
+        open_checkpoint(prefix)
+    _write_table(index, [(b"", items[0][1])] + [(k, v[:-3]) for k, v in items[1:]])  # entries cut short
+    with pytest.raises(BadInputError, match="not a readable TF checkpoint index"):
+        open_checkpoint(prefix)
+
+
+def test_proto_decoder():
+    message = (b"\x08\x96\x01"  # 1: varint 150
+               + b"\x11" + struct.pack("<Q", 2 ** 63 + 5)  # 2: fixed64 (skipped by the schema below)
+               + b"\x1d" + struct.pack("<I", 0xDEADBEEF)  # 3: fixed32
+               + b"\x22\x03abc" + b"\x22\x00"  # 4: repeated string
+               + b"\x2a\x04\x08\x01\x08\x02"  # 5: nested message, field 1 repeated
+               + b"\x30" + _varint(2 ** 64 - 1))  # 6: int64 -1
+    assert list(_proto_fields(message))[:3] == [(1, 0, 150), (2, 1, 2 ** 63 + 5), (3, 5, 0xDEADBEEF)]
+    decoded = _proto_decode(message, {1: ("a", "int"), 3: ("c", "fixed32"), 4: ("d", ["str"]),
+                                      5: ("e", {1: ("x", ["int"])}), 6: ("f", "int"), 7: ("g", {1: ("y", "str")})})
+    assert (decoded.a, decoded.c, decoded.d, decoded.e.x, decoded.f, decoded.g.y) == (
+        150, 0xDEADBEEF, ["abc", ""], [1, 2], -1, "")
+    for bad in (b"\x22\x05ab", b"\x0b", b"\x08", b"\x15\x00\x00"):
+        with pytest.raises(ValueError):
+            list(_proto_fields(bad))
+    with pytest.raises(ValueError, match="wire type"):
+        _proto_decode(b"\x0a\x00", {1: ("a", "int")})

@@ -263,8 +263,8 @@ def test_missing_extra_or_misshapen_variables_are_named(case, args, out, tiny_bu
     code, error, _ = run(*with_checkpoint(args, prefix))
     assert code == 3
     expected = {
-        "missing": [f"variable(s) missing from the checkpoint ['{layer1}output/dense/bias']",
-                    "use the complete checkpoint"],
+        "missing": ["1 weight(s) missing from the checkpoint: `text_model.encoder.layer.1.output.dense.bias`",
+                    f"the checkpoint's layer `{layer1}output/dense` lacks it", "use the complete checkpoint"],
         "extra": ["have no place in AlignModel: ['classifier_head/kernel']", "coyo-align ALIGN checkpoint?"],
         "shape": [f"`{layer1}intermediate/dense/kernel`: checkpoint shape (64, 200)", "needs (64, 256)",
                   "cannot be converted"],

@@ -44,7 +44,6 @@ def good(tiny_bundle):
     """The tiny demo converted correctly with tracing: the stages of `pipeline.convert` up to `trace`."""
     from tracer.checkpoint import open_checkpoint
     from tracer.inputs import build_processor, default_vocab_file
-    from tracer.keras_ref.align import build_reference, reference_variables
     from tracer.mapping import map_by_rules
     from tracer.pipeline import ConvertOptions, load_inputs, trace
     from tracer.rules import ALIGN_RULES
@@ -57,17 +56,17 @@ def good(tiny_bundle):
     spec = derive_spec(shapes, image_size=options.image_size, seq_length=options.seq_length)
     table = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
     inputs = load_inputs(options, build_processor(default_vocab_file(), options.image_size, options.seq_length), spec)
-    keras_model = build_reference(spec)
     config = hf_side.align_config(spec)
     model = hf_side.build_empty(config)
-    traced = trace(checkpoint, shapes, spec, table, "auto", keras_model, model, inputs, options, {})
+    traced = trace(checkpoint, shapes, spec, table, "auto", model, inputs, options, {}, keep_activations=True)
     temperature = float(checkpoint.read(spec.temperature_name))
+    values = {n: checkpoint.read(n) for n in shapes}
     checkpoint.close()
     assert traced.coverage is not None and not traced.conflicts
     parity = compare_embeddings(traced.keras_out, traced.hf_out, temperature, float(model.temperature.detach()))
     return SimpleNamespace(
         spec=spec, shapes=shapes, config=config, model=model, inputs=inputs, traced=traced, parity=parity,
-        temperature=temperature, keras_variables=reference_variables(keras_model),
+        temperature=temperature, keras_values=values,
         keras_records=[p.keras for p in traced.pairs if p.keras is not None],
     )
 
@@ -146,7 +145,7 @@ def with_mapping_file(good, tmp_path, edit):
     write_mapping(entries, path)
     weight_map = map_by_file(good.shapes, read_mapping(path))
     model = hf_side.build_empty(good.config)
-    transfer(lambda n: good.keras_variables[n].numpy(), list(good.shapes), weight_map, model, allow_nonfinite=True)
+    transfer(good.keras_values.__getitem__, list(good.shapes), weight_map, model, allow_nonfinite=True)
     return model, weight_map.entries
 
 

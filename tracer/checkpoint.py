@@ -9,6 +9,8 @@ Formats
   ``model.save_weights(prefix)``, ``ModelCheckpoint(save_weights_only=True)`` or ``tf.train.Checkpoint``).
   Names come from the checkpoint's own object graph (the ``_CHECKPOINTABLE_OBJECT_GRAPH`` tensor): each variable
   node's ``full_name`` attribute is the variable's name without ``:0``; its ``checkpoint_key`` is where it is stored.
+  This module reads these files itself (the index table, the few protobuf messages involved, each tensor's bytes
+  checked against its CRC32C), so listing and reading never import TensorFlow.
 * Keras 2 HDF5 weights (``model.save_weights("x.h5")``): one group per layer of ``model.layers`` whose
   ``weight_names`` attribute names its datasets, plus a ``top_level_model_weights`` group holding the variables the
   model owns directly (ALIGN's bare ``tf.Variable`` temperature lands there as ``Variable:0``). A whole-model
@@ -47,9 +49,11 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import numpy as np
@@ -274,76 +278,339 @@ def _is_hdf5(p: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# TF object-based checkpoints
+# TF object-based checkpoints, read without TensorFlow
+#
+# A checkpoint is a tensor bundle. PREFIX.index is a LevelDB-style table (below) whose key "" holds a
+# BundleHeaderProto (shard count, byte order) and every other key a BundleEntryProto: where the tensor's bytes lie
+# (shard, offset, size), its dtype and shape, and the masked CRC32C of those bytes. The bytes of a numeric tensor are
+# its elements, row-major, in the header's byte order; those of a string tensor are each element's length as a
+# varint, a masked CRC32C of the lengths, then the elements' bytes. The object graph (a TrackableObjectGraph) is
+# itself stored as a scalar string tensor under _CHECKPOINTABLE_OBJECT_GRAPH.
+
+_DT_STRING = 7
+_DTYPES = {  # TF DataType enum -> numpy dtype name (the checkpoint's layout: little-endian)
+    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "object", 8: "complex64",
+    9: "int64", 10: "bool", 14: "bfloat16", 17: "uint16", 18: "complex128", 19: "float16", 22: "uint32", 23: "uint64",
+}
+_CRC_CHUNK = 1 << 20
 
 
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+# ---- protobuf wire format: just enough to decode the three messages above
 
-    return tf
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of each field of a serialized protobuf message, in order. The value is an
+    int for varint (wire type 0), fixed64 (1) and fixed32 (5) fields and the raw bytes of a length-delimited field
+    (2: strings, nested messages). Groups (3, 4) are long deprecated and refused like any malformed input."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > end:
+                raise ValueError("truncated fixed-width field")
+            value = int.from_bytes(buf[pos:pos + width], "little")
+            pos += width
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > end:
+                raise ValueError("truncated length-delimited field")
+            value = bytes(buf[pos:pos + size])
+            pos += size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if field == 0:
+            raise ValueError("field number 0")
+        yield field, wire, value
+
+
+def _proto_decode(buf: bytes, schema: dict[int, tuple[str, Any]]) -> SimpleNamespace:
+    """Decode a message by `schema`: {field number: (attribute, kind)}, kind being "int" (any varint: int32, int64,
+    enum, bool; read as signed 64-bit), "fixed32", "str", "bytes", a nested schema, or a one-element list of one of
+    these for a repeated field. Fields not in the schema are skipped; absent ones get protobuf's defaults."""
+    out: dict[str, Any] = {}
+    for field, wire, value in _proto_fields(buf):
+        if field not in schema:
+            continue
+        name, kind = schema[field]
+        if isinstance(kind, list):
+            out.setdefault(name, []).append(_proto_value(kind[0], wire, value, field))
+        else:
+            out[name] = _proto_value(kind, wire, value, field)  # the last one wins, as in protobuf
+    for name, kind in schema.values():
+        if name not in out:
+            out[name] = [] if isinstance(kind, list) else _proto_default(kind)
+    return SimpleNamespace(**out)
+
+
+def _proto_default(kind: Any) -> Any:
+    if isinstance(kind, dict):
+        return _proto_decode(b"", kind)
+    return {"int": 0, "fixed32": 0, "str": "", "bytes": b""}[kind]
+
+
+def _proto_value(kind: Any, wire: int, value: int | bytes, field: int) -> Any:
+    expected = {"int": 0, "fixed32": 5}.get(kind, 2) if not isinstance(kind, dict) else 2
+    if wire != expected:
+        raise ValueError(f"field {field} has wire type {wire}, expected {expected}")
+    if kind == "int":
+        return value - (1 << 64) if value >= 1 << 63 else value
+    if kind == "str":
+        return value.decode("utf-8")
+    if isinstance(kind, dict):
+        return _proto_decode(value, kind)
+    return value  # fixed32, bytes
+
+
+_HEADER_PROTO = {  # tensorflow/core/protobuf/tensor_bundle.proto: BundleHeaderProto
+    1: ("num_shards", "int"), 2: ("endianness", "int"), 3: ("version", {1: ("producer", "int"),
+                                                                       2: ("min_consumer", "int")}),
+}
+_ENTRY_PROTO = {  # BundleEntryProto; shape is a TensorShapeProto
+    1: ("dtype", "int"), 2: ("shape", {2: ("dim", [{1: ("size", "int")}]), 3: ("unknown_rank", "int")}),
+    3: ("shard_id", "int"), 4: ("offset", "int"), 5: ("size", "int"), 6: ("crc32c", "fixed32"),
+    7: ("slices", ["bytes"]),
+}
+_GRAPH_PROTO = {  # tensorflow/core/protobuf/trackable_object_graph.proto: TrackableObjectGraph
+    1: ("nodes", [{
+        1: ("children", [{1: ("node_id", "int"), 2: ("local_name", "str")}]),
+        2: ("attributes", [{1: ("name", "str"), 2: ("full_name", "str"), 3: ("checkpoint_key", "str")}]),
+        3: ("slot_variables", [{1: ("original_variable_node_id", "int"), 2: ("slot_name", "str"),
+                                3: ("slot_variable_node_id", "int")}]),
+    }]),
+}
+
+
+# ---- the .index file and the data shards
+
+
+@dataclass
+class _Entry:
+    key: str
+    dtype: int
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc32c: int  # masked, as stored
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPES.get(self.dtype, f"tf_dtype_{self.dtype}")
+
+
+@dataclass
+class _Bundle:
+    num_shards: int
+    entries: dict[str, _Entry]  # in the index's (sorted) order, the header excluded
+
+
+def _read_bundle_index(index: Path) -> _Bundle:
+    """Header and entries of a bundle's index file; `BadInputError` if it is not one, `ConversionError` for a
+    valid bundle this reader does not take (big-endian, partitioned variables, a newer bundle format)."""
+    try:
+        data = index.read_bytes()
+    except OSError as err:
+        raise BadInputError(f"{index}: cannot read the index file ({err}); check its permissions, or copy the "
+                            f"checkpoint again") from err
+    header = None
+    entries: dict[str, _Entry] = {}
+    partitioned: list[str] = []
+    try:
+        for raw_key, value in _table_entries(data):
+            if raw_key == b"":
+                header = _proto_decode(value, _HEADER_PROTO)
+                continue
+            key = raw_key.decode("utf-8", "replace")
+            proto = _proto_decode(value, _ENTRY_PROTO)
+            if proto.slices:  # a partitioned variable's table of slices; the slices have entries of their own
+                partitioned.append(key)
+                continue
+            if proto.shape.unknown_rank or any(d.size < 0 for d in proto.shape.dim):
+                raise ValueError(f"entry {key!r} has no complete shape")
+            entries[key] = _Entry(key=key, dtype=proto.dtype, shape=tuple(d.size for d in proto.shape.dim),
+                                  shard=proto.shard_id, offset=proto.offset, size=proto.size, crc32c=proto.crc32c)
+    except (ValueError, struct.error) as err:  # UnicodeDecodeError is a ValueError
+        raise BadInputError(f"{index} is not a readable TF checkpoint index ({err}); {_SAVE_HINT}") from err
+    if header is None or header.num_shards < 1:
+        raise BadInputError(f"{index} is not a readable TF checkpoint index (no bundle header); {_SAVE_HINT}")
+    if header.endianness != 0:
+        raise ConversionError(f"{index}: the checkpoint was written in big-endian byte order, which this reader "
+                              f"does not take; load and re-save it with model.save_weights() on a little-endian "
+                              f"machine (x86, ARM)")
+    if header.version.min_consumer > 1:
+        raise ConversionError(f"{index}: the checkpoint needs a tensor-bundle reader of version >= "
+                              f"{header.version.min_consumer} (this one reads version 1); re-save it with an older "
+                              f"TensorFlow")
+    if partitioned:
+        shown = ", ".join(repr(_name_from_key(k)) for k in partitioned[:3]) + (", ..." if len(partitioned) > 3 else "")
+        raise ConversionError(f"{index}: {len(partitioned)} partitioned variable(s) ({shown}), saved in slices, which "
+                              f"this converter does not assemble; re-save the model without a variable partitioner "
+                              f"(e.g. restore it on one device and call model.save_weights())")
+    return _Bundle(num_shards=header.num_shards, entries=entries)
+
+
+def _crc32c_mask(crc: int) -> int:
+    """TF stores CRC32C values masked (rotated right by 15 bits, plus a constant), as LevelDB does."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _crc32c_unmask(masked: int) -> int:
+    rot = (masked - 0xA282EAD8) & 0xFFFFFFFF
+    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
 
 class _TFBackend:
-    def __init__(self, prefix: str, reader: Any) -> None:
+    """Reads single tensors of a bundle, keeping one open handle per data shard until `close()`."""
+
+    def __init__(self, prefix: str, bundle: _Bundle) -> None:
+        import google_crc32c
+
         self.prefix = prefix
-        self._reader = reader
+        self._crc = google_crc32c
+        self._entries = bundle.entries
+        self._files: dict[int, tuple[Path, Any]] = {}
+        self._lock = threading.Lock()  # for the seek + read fallback where os.preadv is missing
+        try:
+            for shard in sorted({e.shard for e in bundle.entries.values()}):
+                path = _shard_path(prefix, shard, bundle.num_shards)
+                self._files[shard] = (path, open(path, "rb", buffering=0))
+        except OSError as err:
+            self.close()
+            raise BadInputError(f"{path}: cannot open the data file ({err}); check its permissions, or copy the "
+                                f"checkpoint again") from err
 
     def read(self, var: Variable) -> np.ndarray:
-        tf = _tf()
+        return self._tensor(self._entries[var.key], f"variable {var.name!r} (key {var.key})")
+
+    def read_key(self, key: str) -> np.ndarray:
+        """Any tensor of the bundle by its checkpoint key (also the object graph)."""
+        return self._tensor(self._entries[key], f"tensor {key!r}")
+
+    def _tensor(self, entry: _Entry, what: str) -> np.ndarray:
+        if self._files is None:
+            raise ValueError(f"checkpoint {self.prefix} is closed")
+        path, handle = self._files[entry.shard]
+
+        def damaged(detail: str) -> BadInputError:
+            return BadInputError(f"{path}: cannot read {what}: {detail}; the data file is corrupted or incomplete, "
+                                 f"copy the checkpoint again")
+
+        count = int(np.prod(entry.shape, dtype=np.int64))
+        dtype = None if entry.dtype == _DT_STRING else self._numpy_dtype(entry, what)
+        if dtype is not None and entry.size != count * dtype.itemsize:
+            raise damaged(f"the index gives it {entry.size} bytes but shape {entry.shape} of {entry.dtype_name} needs "
+                          f"{count * dtype.itemsize}")
+        out = np.empty(entry.size, np.uint8)  # fresh and writable: the tensor's own memory
+        view = memoryview(out)
+        got = self._read_into(handle, view, entry.offset)
+        if got < entry.size:
+            raise damaged(f"the file ends {entry.size - got} bytes before its data does")
+        if dtype is None:
+            return self._strings(bytes(view), count, entry, damaged)
+        crc = 0
+        for start in range(0, entry.size, _CRC_CHUNK):  # the C extension takes bytes only: checksum cache-sized copies
+            crc = self._crc.extend(crc, bytes(view[start:start + _CRC_CHUNK]))
+        if _crc32c_mask(crc) != entry.crc32c:
+            raise damaged(f"its bytes are damaged (CRC32C {crc:#010x}, the index says "
+                          f"{_crc32c_unmask(entry.crc32c):#010x})")
+        return out.view(dtype).reshape(entry.shape)
+
+    def _strings(self, raw: bytes, count: int, entry: _Entry, damaged: Any) -> np.ndarray:
+        """Decode a string tensor: varint lengths, masked CRC32C of the lengths (each as a little-endian uint32, or
+        uint64 above 4 GiB), then the bytes; the entry's checksum covers lengths, length checksum and bytes."""
+        lengths, pos, crc = [], 0, 0
         try:
-            return self._reader.get_tensor(var.key)
-        except (tf.errors.OpError, ValueError, RuntimeError) as err:
-            raise BadInputError(
-                f"{self.prefix}: cannot read variable {var.name!r} (key {var.key}): {_first_line(err)}; the data file "
-                f"is corrupted or incomplete, copy the checkpoint again"
-            ) from err
+            for _ in range(count):
+                length, pos = _varint(raw, pos)
+                lengths.append(length)
+                crc = self._crc.extend(crc, length.to_bytes(4 if length <= 0xFFFFFFFF else 8, "little"))
+        except ValueError:
+            raise damaged("its string lengths are unreadable") from None
+        stored = raw[pos:pos + 4]
+        if len(stored) < 4 or _crc32c_mask(crc) != int.from_bytes(stored, "little"):
+            raise damaged("its string lengths are damaged (checksum mismatch)")
+        crc = self._crc.extend(crc, stored)
+        pos += 4
+        start, values = pos, []
+        for length in lengths:
+            values.append(raw[pos:pos + length])
+            pos += length
+        if pos != len(raw):
+            raise damaged(f"its strings take {pos} bytes, the index says {len(raw)}")
+        crc = self._crc.extend(crc, raw[start:])
+        if _crc32c_mask(crc) != entry.crc32c:
+            raise damaged("its bytes are damaged (checksum mismatch)")
+        out = np.empty(count, dtype=object)
+        out[:] = values
+        return out.reshape(entry.shape)
+
+    def _numpy_dtype(self, entry: _Entry, what: str) -> np.dtype:
+        name = _DTYPES.get(entry.dtype)
+        if name == "bfloat16":
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise ConversionError(f"{self.prefix}: cannot read {what}: it is bfloat16, which needs the ml_dtypes "
+                                      f"package; pip install ml_dtypes") from None
+            return np.dtype(ml_dtypes.bfloat16)
+        if name is None:
+            raise ConversionError(f"{self.prefix}: cannot read {what}: TF dtype {entry.dtype} (enum value) is not a "
+                                  f"plain numeric or string tensor; this converter reads only those")
+        return np.dtype(name).newbyteorder("<")
+
+    def _read_into(self, handle: Any, view: memoryview, offset: int) -> int:
+        """Fill `view` from the file at `offset`; the count of bytes read (fewer only at the end of the file)."""
+        done = 0
+        while done < len(view):
+            if hasattr(os, "preadv"):
+                n = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            else:  # pragma: no cover - platforms without preadv
+                with self._lock:
+                    handle.seek(offset + done)
+                    n = handle.readinto(view[done:])
+            if not n:
+                break
+            done += n
+        return done
 
     def close(self) -> None:
-        self._reader = None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+        files, self._files = self._files, None
+        for _, handle in (files or {}).values():
+            handle.close()
 
 
 def _open_tf(prefix: str) -> Checkpoint:
     index = Path(prefix + ".index")
     if not index.is_file():
         raise BadInputError(f"{prefix}: no index file {index}; {_SAVE_HINT}")
-    layout = _read_bundle_index(index)
-    _check_shards(prefix, index, layout)
-    tf = _tf()
-    try:
-        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
-    except (tf.errors.OpError, ValueError, RuntimeError) as err:
-        raise BadInputError(f"{index} is not a readable TF checkpoint index ({_first_line(err)}); {_SAVE_HINT}") \
-            from err
-    shapes = reader.get_variable_to_shape_map()
-    dtypes = reader.get_variable_to_dtype_map()
-    if _GRAPH_KEY not in shapes:
+    bundle = _read_bundle_index(index)
+    _check_shards(prefix, index, bundle)
+    if _GRAPH_KEY not in bundle.entries:
         raise BadInputError(
             f"{prefix} is a name-based (TF1 Saver) checkpoint without an object graph; save the model with "
             f"TF2 model.save_weights(prefix) or tf.train.Checkpoint"
         )
-    backend = _TFBackend(prefix, reader)
+    backend = _TFBackend(prefix, bundle)
     try:
-        raw_graph = reader.get_tensor(_GRAPH_KEY)
-    except (tf.errors.OpError, ValueError, RuntimeError) as err:
-        raise BadInputError(f"{prefix}: cannot read the checkpoint's object graph ({_first_line(err)}); the data "
-                            f"file is corrupted, copy the checkpoint again") from err
-    variables = _tf_variables(prefix, raw_graph, shapes, dtypes)
+        graph_tensor = backend.read_key(_GRAPH_KEY)
+        if graph_tensor.shape != () or not isinstance(graph_tensor.item(), bytes):
+            raise BadInputError(f"{prefix}: the checkpoint's object graph is not a scalar string; the checkpoint is "
+                                f"corrupted, copy it again")
+        variables = _tf_variables(prefix, graph_tensor.item(), bundle.entries)
+    except BaseException:
+        backend.close()
+        raise
     return Checkpoint(prefix, "tf", variables, backend)
 
 
-def _tf_variables(prefix: str, raw_graph: Any, shapes: dict, dtypes: dict) -> list[Variable]:
-    from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph
-
-    graph = TrackableObjectGraph()
+def _tf_variables(prefix: str, raw_graph: bytes, entries: dict[str, _Entry]) -> list[Variable]:
     try:
-        graph.ParseFromString(raw_graph if isinstance(raw_graph, bytes) else bytes(raw_graph))
-    except Exception as err:  # protobuf DecodeError
+        graph = _proto_decode(raw_graph, _GRAPH_PROTO)
+    except ValueError as err:  # UnicodeDecodeError included
         raise BadInputError(f"{prefix}: the checkpoint's object graph cannot be parsed ({err}); the checkpoint is "
                             f"corrupted, copy it again") from err
     roles = _graph_roles(graph)
@@ -355,7 +622,7 @@ def _tf_variables(prefix: str, raw_graph: Any, shapes: dict, dtypes: dict) -> li
             if key in claimed:
                 continue
             is_value = attr.name == _VALUE_ATTRIBUTE
-            if key not in shapes:
+            if key not in entries:
                 if is_value:
                     raise BadInputError(f"{prefix}: the object graph lists {key} but the index holds no such "
                                         f"tensor; the checkpoint is corrupted or incomplete, copy it again")
@@ -363,20 +630,16 @@ def _tf_variables(prefix: str, raw_graph: Any, shapes: dict, dtypes: dict) -> li
             claimed.add(key)
             name = attr.full_name or _name_from_key(key)
             role = roles.get(node_id, _role_from_key(key)) if is_value else "other"
-            variables.append(_make_variable(name, key, shapes[key], dtypes[key], role))
-    for key in shapes:  # tensors the object graph does not describe (not expected from TF2 savers)
+            variables.append(_make_variable(name, entries[key], role))
+    for key, entry in entries.items():  # tensors the object graph does not describe (not expected from TF2 savers)
         if key not in claimed:
-            variables.append(_make_variable(_name_from_key(key), key, shapes[key], dtypes[key], _role_from_key(key)))
+            variables.append(_make_variable(_name_from_key(key), entry, _role_from_key(key)))
     variables.sort(key=lambda v: (v.name, v.key))
     return variables
 
 
-def _make_variable(name: str, key: str, shape: Any, dtype: Any, role: str) -> Variable:
-    try:
-        np_dtype = np.dtype(dtype.as_numpy_dtype).name
-    except (AttributeError, TypeError):
-        np_dtype = str(getattr(dtype, "name", dtype))
-    return Variable(name=name, key=key, shape=tuple(int(d) for d in shape), dtype=np_dtype, role=role)
+def _make_variable(name: str, entry: _Entry, role: str) -> Variable:
+    return Variable(name=name, key=entry.key, shape=entry.shape, dtype=entry.dtype_name, role=role)
 
 
 def _name_from_key(key: str) -> str:
@@ -465,7 +728,7 @@ def _graph_roles(graph: Any) -> dict[int, str]:
     return roles
 
 
-# ---- the .index file: a LevelDB-style table of BundleEntryProto, read only to check shard files and sizes
+# ---- the .index file: a LevelDB-style table (uncompressed blocks, as TF writes them) of serialized protos
 
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -530,70 +793,32 @@ def _table_entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         yield from _block_entries(_table_block(data, handle))
 
 
-@dataclass
-class _BundleLayout:
-    num_shards: int
-    extents: dict[int, list[tuple[int, str]]]  # shard -> [(offset + size, key)] of the tensors stored there
-
-
-def _read_bundle_index(index: Path) -> _BundleLayout | None:
-    """Shard count and tensor extents from the index, or None if this small reader cannot parse it (TF decides)."""
-    try:
-        data = index.read_bytes()
-    except OSError as err:
-        raise BadInputError(f"{index}: cannot read the index file ({err}); check its permissions, or copy the "
-                            f"checkpoint again") from err
-    from tensorflow.core.protobuf import tensor_bundle_pb2
-
-    try:
-        num_shards = None
-        extents: dict[int, list[tuple[int, str]]] = {}
-        for key, value in _table_entries(data):
-            if key == b"":
-                header = tensor_bundle_pb2.BundleHeaderProto()
-                header.ParseFromString(value)
-                num_shards = header.num_shards
-                continue
-            entry = tensor_bundle_pb2.BundleEntryProto()
-            entry.ParseFromString(value)
-            if entry.slices:  # a partitioned tensor's table of slices; the slices have their own entries
-                continue
-            extents.setdefault(entry.shard_id, []).append((entry.offset + entry.size, key.decode("utf-8", "replace")))
-    except Exception:  # not parseable by this small reader: let TF's own reader judge the file
-        return None
-    if num_shards is None:
-        return None
-    return _BundleLayout(num_shards=num_shards, extents=extents)
-
-
 def _shard_path(prefix: str, i: int, n: int) -> Path:
     return Path(f"{prefix}.data-{i:05d}-of-{n:05d}")
 
 
-def _check_shards(prefix: str, index: Path, layout: _BundleLayout | None) -> None:
-    if layout is None:
-        found = list(Path(prefix).parent.glob(_glob_escape(Path(prefix).name) + ".data-*-of-*"))
-        if not found:
-            raise BadInputError(f"{prefix}: the index {index} has no data file {prefix}.data-*-of-*; copy the "
-                                f"data shard(s) next to the index")
-        return
-    missing = [str(_shard_path(prefix, i, layout.num_shards)) for i in range(layout.num_shards)
-               if not _shard_path(prefix, i, layout.num_shards).is_file()]
+def _check_shards(prefix: str, index: Path, bundle: _Bundle) -> None:
+    """Every data shard is there and long enough for the tensors the index puts in it (checked before any read)."""
+    missing = [str(_shard_path(prefix, i, bundle.num_shards)) for i in range(bundle.num_shards)
+               if not _shard_path(prefix, i, bundle.num_shards).is_file()]
     if missing:
-        raise BadInputError(f"{prefix}: {len(missing)} of {layout.num_shards} data shard(s) missing: "
+        raise BadInputError(f"{prefix}: {len(missing)} of {bundle.num_shards} data shard(s) missing: "
                             f"{', '.join(missing)}; copy every PREFIX.data-* file that belongs to {index.name}")
-    for shard, extents in sorted(layout.extents.items()):
-        if shard >= layout.num_shards:
-            raise BadInputError(f"{index} refers to data shard {shard} but says there are {layout.num_shards}; "
+    extents: dict[int, list[tuple[int, str]]] = {}  # shard -> [(offset + size, key)]
+    for entry in bundle.entries.values():
+        extents.setdefault(entry.shard, []).append((entry.offset + entry.size, entry.key))
+    for shard, ends in sorted(extents.items()):
+        if not 0 <= shard < bundle.num_shards:
+            raise BadInputError(f"{index} refers to data shard {shard} but says there are {bundle.num_shards}; "
                                 f"the index is corrupted, copy the checkpoint again")
-        path = _shard_path(prefix, shard, layout.num_shards)
+        path = _shard_path(prefix, shard, bundle.num_shards)
         size = path.stat().st_size
-        needed = max(end for end, _ in extents)
+        needed = max(end for end, _ in ends)
         if size < needed:
-            cut = sorted(_name_from_key(key) for end, key in extents if end > size)
+            cut = sorted(_name_from_key(key) for end, key in ends if end > size)
             shown = ", ".join(repr(k) for k in cut[:3]) + (", ..." if len(cut) > 3 else "")
             raise BadInputError(
-                f"{path} is truncated: {size} bytes, but the index needs {needed}; {len(cut)} of {len(extents)} "
+                f"{path} is truncated: {size} bytes, but the index needs {needed}; {len(cut)} of {len(ends)} "
                 f"tensors lie past its end ({shown}); copy the checkpoint again"
             )
 

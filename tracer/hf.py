@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from transformers import AlignConfig, AlignModel, AlignTextConfig, AlignVisionConfig
@@ -73,11 +73,23 @@ def build_empty(config: AlignConfig) -> AlignModel:
     return model.eval()
 
 
-def tower_features(model: AlignModel, inputs) -> dict[str, torch.Tensor]:
+TOWERS = ("vision", "text")
+
+
+def tower_features(model: AlignModel, inputs, towers=TOWERS) -> dict[str, torch.Tensor]:
     """One forward per tower, as `AlignModel.forward` computes them (image and text may differ in number)."""
+    out = {}
     with torch.inference_mode():
-        return {"image_features": model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output,
-                "text_features": model.get_text_features(**inputs.torch_text()).pooler_output}
+        if "vision" in towers:
+            out["image_features"] = model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output
+        if "text" in towers:
+            out["text_features"] = model.get_text_features(**inputs.torch_text()).pooler_output
+    return out
+
+
+def tower_modules(model: AlignModel, tower: str) -> list[torch.nn.Module]:
+    """The modules that hold a tower's weights (the text projection belongs to the text tower)."""
+    return [model.vision_model] if tower == "vision" else [model.text_model, model.text_projection]
 
 
 def expected_state(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -126,43 +138,87 @@ def hf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: s for k, (s, _) in expected_state(model).items() if _derived_state(k, s, torch.float32) is None}
 
 
-def write_state(model: AlignModel, tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Write every parameter and buffer strictly; returns the saved tensors derived rather than read.
+class StateWriter:
+    """Writes a model's persistent tensors strictly, in as many calls as the caller likes (one per tower, say);
+    `finish()` derives the tensors no checkpoint holds and fails, listing them, on any tensor left unwritten.
 
-    Fails, listing them, on any parameter left unwritten, any tensor with no place in the model, or any shape
-    or dtype mismatch.
+    A tensor still on the meta device takes the given tensor as its storage (no copy); a materialised one (a tower
+    run for its call order) is copied into.
     """
-    expected = expected_state(model)
-    state, derived = {}, []
-    unexpected = sorted(set(tensors) - set(expected))
-    missing, mismatched = [], []
-    for name, (shape, dtype) in expected.items():
-        if name in tensors:
-            value = tensors[name]
-            if tuple(value.shape) != shape:
-                mismatched.append(f"{name}: checkpoint gives {tuple(value.shape)}, model needs {shape}")
-            state[name] = value.to(dtype)
-        elif (value := _derived_state(name, shape, dtype)) is not None:
-            state[name] = value
-            derived.append(name)
-        else:
-            missing.append(name)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} parameter(s) never written: {missing[:20]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) with no place in AlignModel: {unexpected[:20]}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched[:20]}")
-    if problems:
+
+    def __init__(self, model: AlignModel):
+        self.model = model
+        self.expected = expected_state(model)
+        self.written: set[str] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the model's tensors (after a tower is materialised)."""
+        self._state = self.model.state_dict()
+
+    def materialized(self, name: str) -> bool:
+        """Whether `name` has storage to copy into (else a write gives it the tensor's)."""
+        return name in self._state and not self._state[name].is_meta
+
+    def write(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        unexpected = sorted(set(tensors) - set(self.expected))
+        mismatched = [f"{n}: checkpoint gives {tuple(v.shape)}, model needs {self.expected[n][0]}"
+                      for n, v in tensors.items() if n in self.expected and tuple(v.shape) != self.expected[n][0]]
+        problems = []
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensor(s) with no place in AlignModel: {unexpected[:20]}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched[:20]}")
+        if problems:
+            self._fail(problems)
+        assign = {}
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if self.materialized(name):
+                    self._state[name].copy_(value)  # any strides: a transposed view is copied once, here
+                else:
+                    assign[name] = value.to(self.expected[name][1]).contiguous()
+        if assign:
+            self.model.load_state_dict(assign, strict=False, assign=True)
+            self.refresh()
+        self.written.update(tensors)
+
+    def finish(self, describe_missing: Callable[[list[str]], str] | None = None) -> list[str]:
+        """Derive what no checkpoint holds; returns the derived names. Fails on anything left unwritten (described
+        by `describe_missing` when given)."""
+        derived, missing = {}, []
+        for name, (shape, dtype) in self.expected.items():
+            if name in self.written:
+                continue
+            if (value := _derived_state(name, shape, dtype)) is not None:
+                derived[name] = value
+            else:
+                missing.append(name)
+        if missing and describe_missing is not None:
+            raise ConversionError(describe_missing(missing))
+        if missing:
+            self._fail([f"{len(missing)} parameter(s) never written: {missing[:20]}"])
+        self.write(derived)
+        rebuild_buffers(self.model)
+        left = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if t.is_meta]
+        if left:
+            raise ConversionError(f"tensors still unwritten after loading: {left[:20]}: this transformers version's "
+                                  "AlignModel differs from the one tracer supports (5.x); use a supported version")
+        return list(derived)
+
+    @staticmethod
+    def _fail(problems: list[str]) -> None:
         raise ConversionError("the checkpoint does not fit the AlignModel derived from it: " + "; ".join(problems)
                               + "; if you passed --hf_config overrides, they changed the model's shapes, drop them; "
                               "otherwise the mapping (--mapping_file) is wrong or incomplete")
 
-    model.load_state_dict(state, strict=True, assign=True)
-    rebuild_buffers(model)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ConversionError(f"tensors still unwritten after loading: {left[:20]}: this transformers version's "
-                              "AlignModel differs from the one tracer supports (5.x); use a supported version")
-    return derived
+
+def write_state(model: AlignModel, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Write every parameter and buffer strictly in one go; returns the saved tensors derived rather than read.
+
+    Fails, listing them, on any parameter left unwritten, any tensor with no place in the model, or any shape
+    mismatch.
+    """
+    writer = StateWriter(model)
+    writer.write(tensors)
+    return writer.finish()

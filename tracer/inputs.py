@@ -234,9 +234,17 @@ class Inputs:
         }
 
     def head(self, n: int) -> "Inputs":
-        """The first n images and texts (a cheap run for shapes and call order)."""
-        return Inputs(self.pixel_values_nhwc[:n], self.input_ids[:n], self.attention_mask[:n],
-                      self.token_type_ids[:n], self.texts[:n] if self.texts else None, self.source)
+        """The first n images and texts."""
+        return self.select(slice(n), slice(n))
+
+    def select(self, images: slice = slice(None), texts: slice = slice(None), image_size: int | None = None) -> "Inputs":
+        """Some of the images and texts (a chunk of a run); `image_size` crops the images (a cheap probe run, for
+        call order and shapes only)."""
+        pixels = self.pixel_values_nhwc[images]
+        if image_size is not None:
+            pixels = np.ascontiguousarray(pixels[:, :image_size, :image_size])
+        return Inputs(pixels, self.input_ids[texts], self.attention_mask[texts], self.token_type_ids[texts],
+                      self.texts[texts] if self.texts else None, self.source)
 
     def describe(self) -> str:
         return (f"{self.num_images} image(s) {self.image_size}x{self.image_size}, {self.num_texts} text(s) of "

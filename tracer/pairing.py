@@ -10,7 +10,7 @@ ALIGN-base's ~1,000 x ~1,200 vision sequences align in well under a second.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,8 @@ class Pair:
     torch: Record | None  # whose output is compared
     torch_weights: Record | None = None  # whose parameters hold the Keras weights (differs when fused)
     score: float = 0.0
+    # Set by a streaming run (`compare.Measured`): the metrics, computed while the arrays existed.
+    measured: object = field(default=None, repr=False, compare=False)
 
     @property
     def fused(self) -> bool:

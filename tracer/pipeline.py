@@ -15,18 +15,24 @@ import torch
 
 from . import hf as hf_side
 from .checkpoint import open_checkpoint
-from .compare import DEFAULT_ATOL, Parity, compare_embeddings, layer_rows, max_abs
+from .compare import DEFAULT_ATOL, Measured, Parity, compare_embeddings, layer_rows, max_abs
 from .errors import BadInputError, ConversionError, ParityError, PushError
 from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
 from .mapping import Entry, WeightMap, map_by_file, map_by_rules, read_mapping, write_mapping
+from .memory import trim
 from .output import preflight, write_file_atomically, write_folder_atomically
-from .progress import stage
+from .pairing import Pair, pair_records
+from .progress import progress, stage
+from .record import Record
+from .record.torch import tower_of
 from .rules import ALIGN_RULES
 from .spec import AlignSpec, derive_spec
-from .transfer import Coverage, transfer
+from .transfer import Coverage, coverage_of, transfer
 
 logger = logging.getLogger(__name__)
+DEFAULT_ACTIVATION_BUDGET_MB = 512
+DEFAULT_SHARD_SIZE = "2GB"
 
 
 @dataclass
@@ -51,6 +57,8 @@ class ConvertOptions:
     mapping: str | None = None  # table | infer | auto (default: auto with --trace, table without)
     report_dir: str | None = None
     hf_config: list[str] = field(default_factory=list)  # KEY=VALUE overrides of the derived AlignConfig
+    activation_budget_mb: float = DEFAULT_ACTIVATION_BUDGET_MB  # --trace: activation memory while comparing
+    max_shard_size: str = DEFAULT_SHARD_SIZE  # safetensors shards of the saved model
 
 
 @dataclass
@@ -62,7 +70,7 @@ class ConversionResult:
     set_aside: int
     timings: dict[str, float]
     saved_to: Path | None = None
-    reload_max_abs: float | None = None
+    reload_checked: int = 0  # tensors of the saved model checked bit for bit after reloading
     reference_max_abs: dict[str, float] = field(default_factory=dict)  # HF vs the original's outputs, if given
     model: torch.nn.Module | None = field(default=None, repr=False)
     rows: list[dict] = field(default_factory=list)  # per-layer divergence, when traced
@@ -106,37 +114,60 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
                        b.detach().reshape(-1).contiguous().view(torch.uint8))
 
 
-def save_verified(model, processor, inputs: Inputs, hf_out: dict, destination: Path, overwrite: bool,
-                  timings: dict, atol: float = DEFAULT_ATOL) -> tuple[Path, float]:
+SAVE_CONFIG_IGNORED = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
+
+
+def _config_leaves(value, prefix: str = "") -> dict:
+    """A config as flat `section.key -> value`, without the keys saving is free to change."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out = {}
+    for k, v in value.items():
+        if k not in SAVE_CONFIG_IGNORED:
+            out.update(_config_leaves(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def save_verified(model, processor, destination: Path, overwrite: bool, timings: dict,
+                  max_shard_size: str = DEFAULT_SHARD_SIZE) -> tuple[Path, torch.nn.Module, int]:
     """Save model and processor into a temporary folder beside `destination`, reload it from there and check it
-    (every tensor bit for bit, the temperature, and the outputs within `atol`: two model instances may round
-    differently in the last bit, as CPU kernels depend on memory alignment); only then rename it into place.
-    Returns the folder and the reloaded outputs' max |Δ|."""
+    (the same tensor names, every tensor bit for bit by checksum, the same config); only then rename it into place.
+
+    The in-memory model's weights are freed before the reload, so one model's worth of memory is held at a time:
+    returns the folder, the reloaded model (the one on disk, which is what the caller gets) and the number of
+    tensors checked."""
     from transformers import AlignModel
 
-    checked: dict[str, float] = {}
+    from .transfer import tensor_checksum
+
+    with stage("save", timings):
+        expected = {k: tensor_checksum(v.detach().numpy()) for k, v in model.state_dict().items()}
+        config = _config_leaves(model.config)
+    checked: dict = {}
 
     def fill(tmp: Path) -> None:
         with stage("save", timings):
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
             processor.save_pretrained(tmp)
 
     def verify(tmp: Path) -> None:
         with stage("reload check", timings):
+            model.to("meta")  # free the weights: the reloaded model takes their place
             reloaded = AlignModel.from_pretrained(tmp).eval()
-            ours, theirs = model.state_dict(), reloaded.state_dict()
-            differ = sorted(k for k in ours.keys() | theirs.keys()
-                            if k not in ours or k not in theirs or not _same_bits(ours[k], theirs[k]))
-            again = hf_embed(reloaded, inputs)
-            worst = max(max_abs(again[k], hf_out[k]) for k in ("image_features", "text_features"))
-            if differ or not worst <= atol:
+            got = {k: tensor_checksum(v.detach().numpy()) for k, v in reloaded.state_dict().items()}
+            differ = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+            again = _config_leaves(reloaded.config)
+            config_differ = sorted(k for k in again.keys() | config.keys() if config.get(k) != again.get(k))
+            if differ or config_differ:
                 raise ParityError(f"the saved model reloads differently ({len(differ)} tensor(s) differ: "
-                                  f"{differ[:10]}; outputs max|Δ| {worst:.2e}); nothing was written to "
+                                  f"{differ[:10]}; config {[(k, config.get(k), again.get(k)) for k in config_differ[:5]]}); nothing was written to "
                                   f"{destination}: this is a bug in saving, please report it")
-            checked["max_abs"] = worst
+            checked.update(model=reloaded, tensors=len(got))
 
     saved = write_folder_atomically(destination, fill, overwrite, verify)
-    return saved, checked["max_abs"]
+    return saved, checked["model"], checked["tensors"]
 
 
 def _mode(options: ConvertOptions) -> str:
@@ -168,44 +199,198 @@ class Traced:
     rows: list[dict] = field(default_factory=list)
 
 
-def trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings) -> Traced:
-    """Record both models, pair their layers, infer and confirm the mapping, copy the weights, compare."""
+PROBE_IMAGE_SIZE = 65  # the probe run's image side: call order and kinds do not depend on it, its cost does
+WORKING_SET = 8  # arrays of a layer's size alive at once while a pair is compared (both sides, inputs, re-run, diff)
+
+
+def chunk_size(records: list[Record], scale: float, budget_mb: float) -> int:
+    """Examples per chunk so that comparing the tower's largest layer stays within `budget_mb`; `scale`: how much
+    larger one example's activations are in the run than in the probe."""
+    largest = max((int(np.prod(r.shape[1:])) for r in records if r.shape), default=1) * scale
+    return max(1, int(budget_mb * 2**20 // (largest * 4 * WORKING_SET)))
+
+
+def _restrict(table: WeightMap | None, names: set[str]) -> WeightMap | None:
+    if table is None:
+        return None
+    return WeightMap([e for e in table.entries if e.variable in names], [n for n in table.unmatched if n in names],
+                     table.stray)
+
+
+def _needed(rows: list[dict], pairs: list[Pair], window: int = 30) -> dict[str, set[int]]:
+    """Record orders whose arrays the diagnosis needs: around each diverged layer (its block's members before it,
+    the pads after it) and the tower's first layers (the preprocessing check)."""
+    needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
+    by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
+    for row in [r for r in rows if r["status"] != "ok"][:10]:
+        pair = by_path.get((row["keras_layer"], row["hf_module"]))
+        for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
+            if record is not None:
+                needed[side].update(range(max(0, record.order - window), record.order + 4))
+    return needed
+
+
+def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings,
+          keep_activations: bool = False) -> Traced:
+    """Tower by tower (`_trace_tower`), then what belongs to no tower (the temperature): record both models, pair
+    their layers, infer and confirm the mapping, copy the weights, compare. `keep_activations` keeps every array
+    and the Keras layers (tests, debugging); otherwise activation memory stays within
+    `options.activation_budget_mb` and one Keras tower is alive at a time."""
     from .infer import infer_mapping, reconcile
-    from .keras_ref.align import reference_variables
-    from .pairing import pair_records
+    from .keras_ref.eager import EagerReference
+
+    keras = EagerReference(spec, values=checkpoint.read)
+    writer = hf_side.StateWriter(hf_model)
+    chosen, conflicts, unmapped, pairs, rows = [], [], [], [], []
+    features: dict[str, dict] = {"keras": {}, "hf": {}}
+    for tower in hf_side.TOWERS:
+        t = _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
+                         keep_activations)
+        chosen += t.weight_map.entries
+        conflicts += t.conflicts
+        unmapped += t.unmapped
+        if t.conflicts or t.unmapped:
+            return Traced(WeightMap(chosen), conflicts, unmapped)
+        pairs += t.pairs
+        rows += t.rows
+        features["keras"].update(t.keras_out)
+        features["hf"].update(t.hf_out)
+        if not keep_activations:
+            keras.release(tower)
+            trim()
+    with stage("copy weights", timings):  # what belongs to no tower: the temperature
+        used = {e.variable for e in chosen}
+        rest = {n: s for n, s in shapes.items() if n not in used}
+        free = {n: s for n, s in hf_side.hf_shapes(hf_model).items() if tower_of(n) is None}
+        left, conflicts = reconcile(_restrict(table, set(rest)), infer_mapping([], rest, free), mode)
+        order = {n: i for i, n in enumerate(shapes)}  # checkpoint order, as the table gives it
+        weight_map = WeightMap(sorted(chosen + left.entries, key=lambda e: order[e.variable]))
+        unmapped = [n for n in rest if n not in {e.variable for e in left.entries}]
+        if conflicts or unmapped:
+            return Traced(weight_map, conflicts, unmapped)
+        transfer(checkpoint.read, list(rest), left, writer, allow_nonfinite=True)
+        coverage = coverage_of(writer, weight_map.entries, len(shapes))
+    mark_mismatches(weight_map.entries, rows)
+    return Traced(weight_map, [], [], coverage, with_embeds(features["keras"]), with_embeds(features["hf"]),
+                  pairs, rows)
+
+
+def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
+                 keep_activations) -> Traced:
+    """One tower: build the Keras tower on a probe input (weights straight from the checkpoint), record both
+    towers' call order on it, pair the layers, infer and confirm the mapping, copy the weights, then run both
+    towers on the real inputs side by side, comparing each pair as soon as both outputs exist (`lockstep`), in
+    chunks of examples that keep activation memory within the budget. Returns the tower's part of a `Traced`."""
+    from .infer import infer_mapping, reconcile
     from .record.keras import record_keras
     from .record.torch import record_torch
 
-    keras_vars = reference_variables(keras_model)
-    with stage("assign Keras weights", timings):
-        transfer(checkpoint.read, list(shapes), None, None, keras_vars, options.allow_nonfinite)
-    with stage("trace Keras", timings):
-        keras_records = record_keras(keras_model, inputs)
-    with stage("trace HF call order", timings):
-        # Shapes and call order only: uninitialised storage and a single example are enough.
-        hf_side.materialize_uninitialized(hf_model)
-        shape_records, _ = record_torch(hf_model, inputs.head(1), keep_outputs=False)
+    probe = inputs.select(slice(1), slice(1), image_size=PROBE_IMAGE_SIZE if tower == "vision" else None)
+    with stage("build Keras and probe call order", timings):
+        keras_probe = record_keras(keras, probe, keep_outputs=False, towers=(tower,))
+        names = set(keras.variables(tower))
+    with stage("probe HF call order", timings):
+        for module in hf_side.tower_modules(hf_model, tower):
+            hf_side.materialize_uninitialized(module)  # zeros until the weights arrive
+        writer.refresh()
+        torch_probe, _ = record_torch(hf_model, probe, keep_outputs=False, towers=(tower,))
     with stage("pair and infer", timings):
-        pairs = pair_records(keras_records, shape_records)
-        inference = infer_mapping(pairs, shapes, hf_side.hf_shapes(hf_model))
-        weight_map, conflicts = reconcile(table, inference, mode)
-    with stage("copy weights", timings):
-        mapped = [e.variable for e in weight_map.entries]
-        unmapped = [n for n in shapes if n not in mapped]
-        coverage = transfer(lambda n: keras_vars[n].numpy(), list(shapes), weight_map, hf_model,
-                            allow_nonfinite=True) if not (conflicts or unmapped) else None
-    if coverage is None:
+        pairs = pair_records(keras_probe, torch_probe)
+        tower_hf = {n: s for n, s in hf_side.hf_shapes(hf_model).items() if tower_of(n) == tower}
+        inference = infer_mapping(pairs, {n: shapes[n] for n in shapes if n in names}, tower_hf)
+        weight_map, conflicts = reconcile(_restrict(table, names), inference, mode)
+        mapped = {e.variable for e in weight_map.entries}
+        unmapped = [n for n in shapes if n in names and n not in mapped]
+    if conflicts or unmapped:
         return Traced(weight_map, conflicts, unmapped)
-    with stage("trace HF", timings):
-        torch_records, hf_features = record_torch(hf_model, inputs)
-        pairs = pair_records(keras_records, torch_records)
-    with stage("compare layers", timings):
-        rows = layer_rows(pairs, weight_map.entries, spec.vision.block_names())
-        mark_mismatches(weight_map.entries, rows)
-    keras_features = {"image_features": [r for r in keras_records if r.tower == "vision"][-1].output,
-                      "text_features": [r for r in keras_records if r.tower == "text"][-1].output}
-    return Traced(weight_map, conflicts, unmapped, coverage, with_embeds(keras_features), with_embeds(hf_features),
-                  pairs, rows)
+    with stage("copy weights", timings):
+        variables = keras.variables(tower)  # read as views of the variables' buffers (`.numpy()` copies)
+        transfer(lambda n: np.asarray(variables[n].value()), list(names), WeightMap(weight_map.entries), writer,
+                 allow_nonfinite=True)
+        del variables
+
+    paired = [p for p in pairs if p.paired]
+    total = inputs.num_images if tower == "vision" else inputs.num_texts
+    scale = (inputs.image_size / PROBE_IMAGE_SIZE) ** 2 if tower == "vision" else 1.0
+    step = total if keep_activations else chunk_size(keras_probe + torch_probe, scale, options.activation_budget_mb)
+    measured = [Measured() for _ in paired]
+    outputs: dict[str, list] = {"keras": [], "hf": []}
+    name = "image_features" if tower == "vision" else "text_features"
+    with stage(f"trace and compare {tower}", timings):
+        for start in progress(range(0, total, step), desc=f"trace {tower}", unit="chunk"):
+            part = slice(start, start + step)
+            chunk = inputs.select(part, slice(None)) if tower == "vision" else inputs.select(slice(None), part)
+            keras_records, torch_records, out = _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe,
+                                                          torch_probe, measured, keep_activations)
+            outputs["keras"].append(out["keras"])
+            outputs["hf"].append(out["hf"])
+    for record in keras_records + torch_records:  # the last chunk's records stand for the whole run
+        record.shape = (total, *record.shape[1:]) if record.shape else record.shape
+    by_probe_pair = dict(zip(map(id, paired), measured))
+    tower_pairs = _final_pairs(pairs, keras_records, torch_records, by_probe_pair)
+    rows = layer_rows(tower_pairs, weight_map.entries, spec.vision.block_names())
+    needed = None if keep_activations else {"keras": set(), "torch": set()}
+    features = {side: np.concatenate(v) for side, v in outputs.items()}
+    embeds = {side: f / np.linalg.norm(f, axis=-1, keepdims=True) for side, f in features.items()}
+    off = not max_abs(embeds["keras"], embeds["hf"]) <= options.atol  # where its error enters is worth a hint
+    if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
+        with stage(f"capture {tower} for diagnosis", timings):
+            needed = _needed(rows, tower_pairs)
+            keras_records, torch_records, _ = _lockstep(
+                keras, hf_model, inputs.select(slice(1), slice(1)), tower, pairs, paired, keras_probe, torch_probe,
+                [Measured() for _ in paired], keep=lambda side, order: order in needed[side])
+        tower_pairs = _final_pairs(pairs, keras_records, torch_records, by_probe_pair)
+    if needed is not None:  # a record holds its Keras layer alive: keep only those the diagnosis may look at
+        for record in keras_records:
+            if record.order not in needed["keras"]:
+                record.layer = None
+    return Traced(weight_map, [], [], None, {name: features["keras"]}, {name: features["hf"]}, tower_pairs, rows)
+
+
+def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_probe, measured, keep=False):
+    """One chunk of one tower through both models side by side; adds each pair's metrics to `measured`."""
+    from .lockstep import Lockstep
+    from .record.keras import record_keras
+    from .record.torch import record_torch
+
+    k_order = {id(r): i for i, r in enumerate(keras_probe)}
+    t_order = {id(r): i for i, r in enumerate(torch_probe)}
+    index = [(k_order[id(p.keras)], t_order[id(p.torch)]) for p in paired]
+    last_keras: dict[str, np.ndarray] = {}
+
+    def on_pair(i, k, t):
+        probe = paired[i]  # a fused pair's weight record is the probe's: it holds the same module as the run's
+        weights = t if probe.torch_weights is probe.torch else probe.torch_weights
+        measured[i].add(Pair(tower, k, t, weights))
+
+    step = Lockstep(index, {"keras": [r.path for r in keras_probe], "torch": [r.path for r in torch_probe]}, on_pair,
+                    keep=keep)
+    keras_sink = step.sink("keras")
+
+    def keras_side(record):
+        last_keras["output"] = record.output  # the tower's last record is its output: keep it past the comparison
+        keras_sink(record)
+
+    def run_keras():
+        return record_keras(keras, chunk, sink=keras_side, towers=(tower,))
+
+    def run_torch():
+        return record_torch(hf_model, chunk, sink=step.sink("torch"), towers=(tower,))
+
+    keras_records, (torch_records, hf_features) = step.run(run_keras, run_torch)
+    name = "image_features" if tower == "vision" else "text_features"
+    return keras_records, torch_records, {"keras": np.array(last_keras["output"]), "hf": hf_features[name]}
+
+
+def _final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair) -> list[Pair]:
+    """The probe's pairs with the run's records (real shapes, and arrays where kept) and their metrics."""
+    out = []
+    for p in pairs:
+        k = keras_records[p.keras.order] if p.keras is not None else None
+        t = torch_records[p.torch.order] if p.torch is not None else None
+        w = torch_records[p.torch_weights.order] if p.torch_weights is not None else None
+        out.append(Pair(p.tower, k, t, w, p.score, measured_by_probe_pair.get(id(p))))
+    return out
 
 
 def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:
@@ -224,8 +409,6 @@ def convert(options: ConvertOptions) -> ConversionResult:
     save = options.save_model or options.push_to_hub  # a push uploads the saved, reloaded and checked folder
     if options.push_to_hub and (problem := hub_problem()):
         logger.warning("the push will fail after the model is saved to %s: %s", destination, problem)
-
-    from .keras_ref.align import build_reference, embed, reference_variables  # heavy: imports TensorFlow
 
     with stage("read checkpoint", timings):
         checkpoint = open_checkpoint(options.checkpoint_path)
@@ -251,8 +434,6 @@ def convert(options: ConvertOptions) -> ConversionResult:
         processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size, options.seq_length)
         inputs = load_inputs(options, processor, spec)
 
-    with stage("build Keras reference", timings):
-        keras_model = build_reference(spec)
     with stage("build HF model", timings):
         config = hf_side.align_config(spec)
         hf_side.override_config(config, options.hf_config)
@@ -260,8 +441,9 @@ def convert(options: ConvertOptions) -> ConversionResult:
 
     traced = None
     if options.trace:
-        traced = trace(checkpoint, shapes, spec, table, mode, keras_model, hf_model, inputs, options, timings)
-        weight_map, coverage, keras_out, hf_out = traced.weight_map, traced.coverage, traced.keras_out, traced.hf_out
+        traced = trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings)
+        weight_map, coverage, reference, hf_out = traced.weight_map, traced.coverage, traced.keras_out, traced.hf_out
+        against = "keras"
         if options.mapping_out:
             write_mapping_file(weight_map.entries, options.mapping_out)
         if traced.conflicts:
@@ -276,23 +458,26 @@ def convert(options: ConvertOptions) -> ConversionResult:
                 f"{len(traced.unmapped)} checkpoint weight(s) have no place in AlignModel: {traced.unmapped[:20]}; "
                 "the checkpoint holds weights the ALIGN architecture does not (is it a coyo-align ALIGN "
                 "checkpoint?), or map them explicitly in a --mapping_file")
-    else:
+    else:  # no Keras model: the weights straight from the checkpoint, the outputs against the given references
         weight_map = table
         with stage("copy weights", timings):
-            coverage = transfer(
-                checkpoint.read, list(shapes), weight_map, hf_model,
-                keras_variables=reference_variables(keras_model), allow_nonfinite=options.allow_nonfinite,
-            )
+            coverage = transfer(checkpoint.read, list(shapes), weight_map, hf_model,
+                                allow_nonfinite=options.allow_nonfinite)
         if options.mapping_out:
             write_mapping_file(weight_map.entries, options.mapping_out)
-        with stage("run Keras", timings):
-            keras_out = embed(keras_model, inputs.pixel_values_nhwc, inputs.input_ids, inputs.attention_mask,
-                              inputs.token_type_ids)
         with stage("run HF", timings):
             hf_out = hf_embed(hf_model, inputs)
+        reference = {k: inputs.reference[k] for k in ("image_embeds", "text_embeds")} if all(
+            k in inputs.reference for k in ("image_embeds", "text_embeds")) else None
+        against = "reference" if reference else "none"
+        if reference is None:
+            logger.warning("the converted model's outputs were not compared with the original's: give --inputs "
+                           "with reference outputs, or run with --trace to compare it with the Keras model layer "
+                           "by layer")
     temperature = float(checkpoint.read(spec.temperature_name))
     hf_model.config.temperature_init_value = temperature
-    parity = compare_embeddings(keras_out, hf_out, temperature, float(hf_model.temperature.detach()), options.atol)
+    parity = compare_embeddings(reference, hf_out, temperature, float(hf_model.temperature.detach()), options.atol,
+                                against)
     result = ConversionResult(spec, weight_map.entries, coverage, parity, len(checkpoint.set_aside), timings,
                               model=hf_model, rows=traced.rows if traced else [])
     result.reference_max_abs = {k: max_abs(v, hf_out[k]) for k, v in inputs.reference.items() if k in hf_out}
@@ -326,8 +511,9 @@ def convert(options: ConvertOptions) -> ConversionResult:
                           f"weights or other inputs, or the reference model differs from the original.{nothing}", result)
 
     if save:
-        result.saved_to, result.reload_max_abs = save_verified(hf_model, processor, inputs, hf_out, destination,
-                                                               options.overwrite, timings, options.atol)
+        result.model = None
+        result.saved_to, result.model, result.reload_checked = save_verified(
+            hf_model, processor, destination, options.overwrite, timings, options.max_shard_size)
     if options.push_to_hub:
         with stage("push to hub", timings):
             result.pushed_to = push(result.saved_to, options)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
+import google_crc32c
 import numpy as np
 import torch
 
 from .errors import BadInputError, ConversionError
-from .hf import write_state
+from .hf import StateWriter
 from .mapping import Entry, WeightMap
 from .progress import progress
 from .transforms import get_transform
@@ -32,69 +32,62 @@ class Coverage:
                                               "checkpoint_weights_used", "checkpoint_weights_total")}
 
 
+_CHUNK = 1 << 24
+
+
 def tensor_checksum(array: np.ndarray) -> str:
-    """A short content hash (dtype, shape, bytes): the mapping file's `keras_checksum` / `hf_checksum`."""
+    """A short content hash (dtype, shape, bytes; CRC32C, hardware-fast): the mapping file's `keras_checksum` /
+    `hf_checksum`, and what the reload check compares."""
     a = np.ascontiguousarray(array)
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{a.dtype.str}:{'x'.join(map(str, a.shape))}:".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
+    crc = google_crc32c.value(f"{a.dtype.str}:{'x'.join(map(str, a.shape))}:".encode())
+    flat = a.reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, _CHUNK):  # the C extension takes bytes only: copy a bounded chunk at a time
+        crc = google_crc32c.extend(crc, flat[start:start + _CHUNK].tobytes())
+    return f"{crc:08x}"
 
 
 def transfer(
     read: Callable[[str], np.ndarray],
     checkpoint_names: list[str],
-    weight_map: WeightMap | None,
-    hf_model: torch.nn.Module | None,
-    keras_variables: Mapping[str, object] | None = None,
+    weight_map: WeightMap,
+    hf_model: torch.nn.Module | StateWriter,
     allow_nonfinite: bool = False,
 ) -> Coverage | None:
-    """Write every checkpoint weight into the HF model (through `weight_map`) and/or the Keras reference
-    (by name), reading each tensor once.
+    """Write the checkpoint weights `weight_map` names into the HF model, reading each tensor once.
 
-    Strict both ways: a checkpoint weight no entry uses, a Keras variable left unassigned and an HF tensor left
-    unwritten are all errors that name the tensors.
+    Strict: a checkpoint weight no entry uses and an HF tensor left unwritten are errors that name the tensors.
+    Given a model, every tensor must be written by this call; given a `StateWriter`, the caller writes the rest
+    (another tower) and calls `finish()` itself: then this returns None.
     """
-    if weight_map is None:  # Keras only: every checkpoint weight, by its own name
-        weight_map = WeightMap([Entry(n, "", "identity") for n in checkpoint_names])
-    elif weight_map.unmatched:
+    if weight_map.unmatched:
         raise ConversionError(
             f"{len(weight_map.unmatched)} checkpoint weight(s) have no place in AlignModel: "
             f"{weight_map.unmatched[:20]}; the checkpoint holds weights ALIGN does not have (is it a coyo-align "
             "ALIGN checkpoint?), or your --mapping_file lacks them: add them to it, or run with --trace to infer them"
         )
-    if keras_variables is not None:
-        missing = sorted(set(keras_variables) - set(checkpoint_names))
-        extra = sorted(set(checkpoint_names) - set(keras_variables))
-        if missing or extra:
-            raise ConversionError(
-                f"checkpoint and the ALIGN derived from it disagree: {len(missing)} variable(s) missing from the "
-                f"checkpoint {missing[:10]}, {len(extra)} extra checkpoint weight(s) {extra[:10]}; the checkpoint is "
-                "incomplete or holds more than coyo-align's ALIGN: use the complete checkpoint its training saved"
-            )
-
-    tensors: dict[str, torch.Tensor] = {}
-    nonfinite = []
+    writer = hf_model if isinstance(hf_model, StateWriter) else StateWriter(hf_model)
+    nonfinite, tensors = [], {}
     for entry in progress(weight_map.entries, desc="copy weights", unit="tensor"):
         array = read(entry.variable)
         if not np.isfinite(array).all():
             nonfinite.append(entry.variable)
             if not allow_nonfinite:
                 continue
-        if keras_variables is not None:
-            var = keras_variables[entry.variable]
-            if tuple(var.shape) != array.shape:
-                raise ConversionError(
-                    f"`{entry.variable}`: checkpoint shape {array.shape}, but the ALIGN derived from the checkpoint's "
-                    f"other variables needs {tuple(var.shape)}; the checkpoint's layers do not fit one ALIGN "
-                    "configuration, so it cannot be converted (was it edited or assembled from several models?)"
-                )
-            var.assign(array)
-        if hf_model is not None:
-            value = get_transform(entry.transform)(array)
-            entry.hf_shape = tuple(value.shape)
-            entry.keras_checksum, entry.hf_checksum = tensor_checksum(array), tensor_checksum(value)
-            tensors[entry.parameter] = torch.from_numpy(value)
+        value = get_transform(entry.transform)(array)
+        needed = writer.expected.get(entry.parameter, (value.shape,))[0]
+        if tuple(value.shape) != tuple(needed):
+            keras_needed = get_transform(entry.transform).inverse(np.empty(needed, array.dtype)).shape
+            raise ConversionError(
+                f"`{entry.variable}`: checkpoint shape {array.shape}, but the ALIGN derived from the checkpoint's other "
+                f"variables needs {keras_needed} (as `{entry.parameter}` {tuple(needed)}); the checkpoint's layers "
+                "do not fit one ALIGN configuration, so it cannot be converted (was it edited or assembled from "
+                "several models?)")
+        entry.hf_shape = tuple(value.shape)
+        entry.keras_checksum, entry.hf_checksum = tensor_checksum(array), tensor_checksum(value)
+        if writer.materialized(entry.parameter):  # copied into place now: nothing accumulates
+            writer.write({entry.parameter: torch.from_numpy(value)})
+        else:  # becomes the parameter's storage (contiguous, for fast kernels): no second copy
+            tensors[entry.parameter] = torch.from_numpy(np.require(value, requirements="C"))
     if nonfinite:
         if not allow_nonfinite:
             raise BadInputError(
@@ -102,15 +95,23 @@ def transfer(
                 "training diverged: use an earlier checkpoint, or pass --allow_nonfinite to convert it anyway"
             )
         logger.warning("converting %d weight(s) that hold NaN or Inf: %s", len(nonfinite), nonfinite[:20])
-
-    if hf_model is None:
+    writer.write(tensors)  # the arrays become the parameters' storage: no second copy
+    if writer is hf_model:
         return None
-    derived = write_state(hf_model, tensors)
-    total = len(list(hf_model.state_dict()))
-    return Coverage(
-        hf_tensors_written=len(tensors) + len(derived),
-        hf_tensors_total=total,
-        checkpoint_weights_used=len(weight_map.entries),
-        checkpoint_weights_total=len(checkpoint_names),
-        derived=derived,
-    )
+    return coverage_of(writer, weight_map.entries, len(checkpoint_names))
+
+
+def coverage_of(writer: StateWriter, entries: list[Entry], total: int) -> Coverage:
+    """Finish the writer (strict) and count what was written. A tensor left unwritten is named with the checkpoint
+    layer its siblings came from: that layer lacks a variable."""
+    layer_of = {e.parameter.rsplit(".", 1)[0]: e.variable.rsplit("/", 1)[0] for e in entries}
+
+    def missing(names: list[str]) -> str:
+        where = [f"`{n}`" + (f" (the checkpoint's layer `{layer_of[n.rsplit('.', 1)[0]]}` lacks it)"
+                             if n.rsplit(".", 1)[0] in layer_of else "") for n in names[:10]]
+        return (f"{len(names)} weight(s) missing from the checkpoint: {', '.join(where)}; the checkpoint is "
+                "incomplete: use the complete checkpoint its training saved")
+
+    derived = writer.finish(missing)
+    return Coverage(hf_tensors_written=len(writer.written), hf_tensors_total=len(writer.expected),
+                    checkpoint_weights_used=len(entries), checkpoint_weights_total=total, derived=derived)

@@ -15,10 +15,13 @@ from .align import (
     reference_variables,
 )
 from .bert import TFBertModel
+from .eager import Container, EagerReference
 from .efficientnet import build_efficientnet
 
 __all__ = [
     "ALIGN",
+    "Container",
+    "EagerReference",
     "TFBertModel",
     "assign_weights",
     "build_efficientnet",

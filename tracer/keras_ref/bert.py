@@ -18,7 +18,9 @@ coyo checkpoint depends on:
   `Layer.__call__` sees each step.
 
 Dropout layers are kept (rates from BertConfig's defaults) so training-mode calls behave like the original; they are
-identities in inference.
+identities in inference. transformers leaves them unnamed (Keras numbers them `dropout_7`, ... across the process);
+here each is named `dropout`, so layer paths do not depend on how many models a process built. They have no
+variables, so neither variable names nor checkpoint keys change.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class TFBertEmbeddings(tf_keras.layers.Layer):
         self.text = text
         self.hidden_size = text.hidden_size
         self.LayerNorm = tf_keras.layers.LayerNormalization(epsilon=text.layer_norm_eps, name="LayerNorm")
-        self.dropout = tf_keras.layers.Dropout(rate=HIDDEN_DROPOUT)
+        self.dropout = tf_keras.layers.Dropout(rate=HIDDEN_DROPOUT, name="dropout")
 
     def build(self, input_shape=None):
         if self.built:
@@ -120,7 +122,7 @@ class TFBertSelfAttention(tf_keras.layers.Layer):
         self.query = _dense(self.all_head_size, "query")
         self.key = _dense(self.all_head_size, "key")
         self.value = _dense(self.all_head_size, "value")
-        self.dropout = tf_keras.layers.Dropout(rate=ATTENTION_DROPOUT)
+        self.dropout = tf_keras.layers.Dropout(rate=ATTENTION_DROPOUT, name="dropout")
 
     def build(self, input_shape=None):
         if self.built:
@@ -162,7 +164,7 @@ class _ResidualOutput(tf_keras.layers.Layer):
         self.input_size = input_size
         self.dense = _dense(text.hidden_size, "dense")
         self.LayerNorm = tf_keras.layers.LayerNormalization(epsilon=text.layer_norm_eps, name="LayerNorm")
-        self.dropout = tf_keras.layers.Dropout(rate=HIDDEN_DROPOUT)
+        self.dropout = tf_keras.layers.Dropout(rate=HIDDEN_DROPOUT, name="dropout")
 
     def build(self, input_shape=None):
         if self.built:

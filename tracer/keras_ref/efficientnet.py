@@ -29,29 +29,51 @@ CONV_KERNEL_INITIALIZER = {
 }
 
 
-def _pad_for(tensor, kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The ZeroPadding2D amounts Keras' `correct_pad` chooses before a stride-2 'valid' convolution."""
-    height, width = tensor.shape[1], tensor.shape[2]
+def _pad_for(kernel_size: int, height: int | None = None, width: int | None = None) -> tuple[tuple[int, int], ...]:
+    """The ZeroPadding2D amounts Keras' `correct_pad` chooses before a stride-2 'valid' convolution.
+
+    The topology below always asks for the unknown-size choice (no `height`/`width`): coyo builds the network on
+    (None, None, 3), so that choice is baked into its layers whatever size the images have, in the functional build
+    and in the eager one (`eager.EagerReference`, which sees real sizes but must not use them here).
+    """
     half = kernel_size // 2
-    if height is None:  # unknown size (coyo's case): Keras assumes an even size and pads one less on the top/left
+    if height is None or width is None:  # unknown size (coyo's case): Keras assumes even and pads one less top/left
         adjust = (1, 1)
     else:
         adjust = (1 - height % 2, 1 - width % 2)
     return ((half - adjust[0], half), (half - adjust[1], half))
 
 
-def _batch_norm(vision: VisionSpec, name: str) -> layers.BatchNormalization:
-    return layers.BatchNormalization(
+class NewLayers:
+    """The layer factory of the functional build: `make(cls, name, *args, **kwargs)` creates the named layer.
+
+    The topology functions below (`efficientnet_features`, `_block`) create every layer through a factory and call
+    what it returns on their tensors, so the functional build and the eager one (`eager.EagerLayers`, which creates
+    each named layer once, returns the same layer on later calls and reports every call to a hook) share one
+    description of the network. `end_block` is told where each MBConv block starts and ends; this factory ignores it.
+    """
+
+    def __call__(self, cls, name: str, *args, **kwargs):
+        return cls(*args, name=name, **kwargs)
+
+    def end_block(self, name: str, block_input, block_output) -> None:
+        return None
+
+
+def _batch_norm(vision: VisionSpec, name: str, make) -> layers.BatchNormalization:
+    return make(
+        layers.BatchNormalization,
+        name,
         axis=BN_AXIS,
         epsilon=vision.batch_norm_eps,
         virtual_batch_size=vision.virtual_batch_size,
-        name=name,
     )
 
 
 def _block(
     x,
     vision: VisionSpec,
+    make,
     *,
     name: str,
     drop_rate: float,
@@ -65,48 +87,49 @@ def _block(
     inputs = x
     filters = filters_in * expand_ratio
     if expand_ratio != 1:
-        x = layers.Conv2D(
-            filters, 1, padding="same", use_bias=False,
-            kernel_initializer=CONV_KERNEL_INITIALIZER, name=name + "expand_conv",
+        x = make(
+            layers.Conv2D, name + "expand_conv", filters, 1, padding="same", use_bias=False,
+            kernel_initializer=CONV_KERNEL_INITIALIZER,
         )(x)
-        x = _batch_norm(vision, name + "expand_bn")(x)
-        x = layers.Activation(ACTIVATION, name=name + "expand_activation")(x)
+        x = _batch_norm(vision, name + "expand_bn", make)(x)
+        x = make(layers.Activation, name + "expand_activation", ACTIVATION)(x)
 
     if strides == 2:
-        x = layers.ZeroPadding2D(padding=_pad_for(x, kernel_size), name=name + "dwconv_pad")(x)
+        x = make(layers.ZeroPadding2D, name + "dwconv_pad", padding=_pad_for(kernel_size))(x)
         conv_pad = "valid"
     else:
         conv_pad = "same"
-    x = layers.DepthwiseConv2D(
-        kernel_size, strides=strides, padding=conv_pad, use_bias=False,
-        depthwise_initializer=CONV_KERNEL_INITIALIZER, name=name + "dwconv",
+    x = make(
+        layers.DepthwiseConv2D, name + "dwconv", kernel_size, strides=strides, padding=conv_pad, use_bias=False,
+        depthwise_initializer=CONV_KERNEL_INITIALIZER,
     )(x)
-    x = _batch_norm(vision, name + "bn")(x)
-    x = layers.Activation(ACTIVATION, name=name + "activation")(x)
+    x = _batch_norm(vision, name + "bn", make)(x)
+    x = make(layers.Activation, name + "activation", ACTIVATION)(x)
 
     # Squeeze-and-excitation; its width comes from the block's *input* filters.
     filters_se = max(1, int(filters_in * SE_RATIO))
-    se = layers.GlobalAveragePooling2D(name=name + "se_squeeze")(x)
-    se = layers.Reshape((1, 1, filters), name=name + "se_reshape")(se)
-    se = layers.Conv2D(
-        filters_se, 1, padding="same", activation=ACTIVATION,
-        kernel_initializer=CONV_KERNEL_INITIALIZER, name=name + "se_reduce",
+    se = make(layers.GlobalAveragePooling2D, name + "se_squeeze")(x)
+    se = make(layers.Reshape, name + "se_reshape", (1, 1, filters))(se)
+    se = make(
+        layers.Conv2D, name + "se_reduce", filters_se, 1, padding="same", activation=ACTIVATION,
+        kernel_initializer=CONV_KERNEL_INITIALIZER,
     )(se)
-    se = layers.Conv2D(
-        filters, 1, padding="same", activation="sigmoid",
-        kernel_initializer=CONV_KERNEL_INITIALIZER, name=name + "se_expand",
+    se = make(
+        layers.Conv2D, name + "se_expand", filters, 1, padding="same", activation="sigmoid",
+        kernel_initializer=CONV_KERNEL_INITIALIZER,
     )(se)
-    x = layers.multiply([x, se], name=name + "se_excite")
+    x = make(layers.Multiply, name + "se_excite")([x, se])  # = layers.multiply([x, se], name=...)
 
-    x = layers.Conv2D(
-        filters_out, 1, padding="same", use_bias=False,
-        kernel_initializer=CONV_KERNEL_INITIALIZER, name=name + "project_conv",
+    x = make(
+        layers.Conv2D, name + "project_conv", filters_out, 1, padding="same", use_bias=False,
+        kernel_initializer=CONV_KERNEL_INITIALIZER,
     )(x)
-    x = _batch_norm(vision, name + "project_bn")(x)
+    x = _batch_norm(vision, name + "project_bn", make)(x)
     if strides == 1 and filters_in == filters_out:  # id_skip is always True in coyo's block arguments
         if drop_rate > 0:
-            x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=name + "drop")(x)
-        x = layers.add([x, inputs], name=name + "add")
+            x = make(layers.Dropout, name + "drop", drop_rate, noise_shape=(None, 1, 1, 1))(x)
+        x = make(layers.Add, name + "add")([x, inputs])  # = layers.add([x, inputs], name=...)
+    make.end_block(name.rstrip("_"), inputs, x)
     return x
 
 
@@ -114,17 +137,19 @@ def model_name(vision: VisionSpec) -> str:
     return "efficientnet" + (vision.variant or "")
 
 
-def build_efficientnet(vision: VisionSpec) -> tf_keras.Model:
-    """coyo's `EfficientNetBx(include_top=False, pooling='avg', weights=None)`: a functional model on (None, None, 3)."""
-    img_input = layers.Input(shape=(None, None, 3))
-    x = layers.Rescaling(scale=1.0 / 127.5, offset=-1)(img_input)
-    x = layers.ZeroPadding2D(padding=_pad_for(x, 3), name="stem_conv_pad")(x)
-    x = layers.Conv2D(
-        round_filters(STEM_FILTERS, vision.width_coefficient), 3, strides=2, padding="valid", use_bias=False,
-        kernel_initializer=CONV_KERNEL_INITIALIZER, name="stem_conv",
+def efficientnet_features(x, vision: VisionSpec, make):
+    """coyo's EfficientNet from the 0..255 NHWC pixels `x` to the pooled features, every layer made by `make`
+    (`NewLayers` for the functional build, `eager.EagerLayers` for the eager one)."""
+    # coyo leaves the Rescaling unnamed (Keras calls the first one `rescaling`, later ones `rescaling_1`, ...);
+    # naming it keeps the layer path stable when several models are built in one process. It has no variables.
+    x = make(layers.Rescaling, "rescaling", scale=1.0 / 127.5, offset=-1)(x)
+    x = make(layers.ZeroPadding2D, "stem_conv_pad", padding=_pad_for(3))(x)
+    x = make(
+        layers.Conv2D, "stem_conv", round_filters(STEM_FILTERS, vision.width_coefficient), 3, strides=2,
+        padding="valid", use_bias=False, kernel_initializer=CONV_KERNEL_INITIALIZER,
     )(x)
-    x = _batch_norm(vision, "stem_bn")(x)
-    x = layers.Activation(ACTIVATION, name="stem_activation")(x)
+    x = _batch_norm(vision, "stem_bn", make)(x)
+    x = make(layers.Activation, "stem_activation", ACTIVATION)(x)
 
     total = float(vision.num_blocks)
     b = 0
@@ -135,6 +160,7 @@ def build_efficientnet(vision: VisionSpec) -> tf_keras.Model:
             x = _block(
                 x,
                 vision,
+                make,
                 name=f"block{i + 1}{chr(j + 97)}_",
                 drop_rate=DROP_CONNECT_RATE * b / total,
                 filters_in=filters_in if j == 0 else filters_out,
@@ -145,5 +171,11 @@ def build_efficientnet(vision: VisionSpec) -> tf_keras.Model:
             )
             b += 1
 
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return make(layers.GlobalAveragePooling2D, "avg_pool")(x)
+
+
+def build_efficientnet(vision: VisionSpec) -> tf_keras.Model:
+    """coyo's `EfficientNetBx(include_top=False, pooling='avg', weights=None)`: a functional model on (None, None, 3)."""
+    img_input = layers.Input(shape=(None, None, 3))
+    x = efficientnet_features(img_input, vision, NewLayers())
     return tf_keras.Model(img_input, x, name=model_name(vision))

@@ -6,9 +6,13 @@ Both recorders emit post-order (a container after its children), so the two sequ
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# Records hold read-only views of TF tensors; torch reads them without writing (comparisons, module re-runs).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 # Class name -> normalised kind. Kinds are what pairing compares; classes not listed are containers.
 LEAF_KINDS = {
@@ -107,7 +111,7 @@ def to_numpy(tensor) -> np.ndarray | None:
         return None
     if hasattr(tensor, "detach"):
         return tensor.detach().cpu().numpy()
-    return np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor)
+    return np.asarray(tensor)  # a read-only view of a TF tensor's buffer (`.numpy()` would copy it)
 
 
 def first_array(value) -> np.ndarray | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 
@@ -43,34 +45,51 @@ def _config(module: torch.nn.Module) -> dict:
     return config
 
 
+_local = threading.local()
+
+
 @contextmanager
-def recording(model: torch.nn.Module, keep_outputs: bool = True):
-    """Within the block, every module call of `model` appends a Record to the yielded list."""
+def paused():
+    """Module calls made in this block (a module re-run on the Keras input) are not recorded."""
+    _local.paused = True
+    try:
+        yield
+    finally:
+        _local.paused = False
+
+
+@contextmanager
+def recording(model: torch.nn.Module, keep_outputs: bool = True, sink: Callable[[Record], None] | None = None):
+    """Within the block, every module call of `model` appends a Record to the yielded list; `sink`, when given,
+    gets each record as soon as it is made (and may drop its arrays once done with them)."""
     records: list[Record] = []
     counters: dict[str, int] = {}
 
     def hook(module, args, output, name):
         tower = tower_of(name)
         tensor = first_tensor(output)
-        if tower is None or tensor is None:
+        if tower is None or tensor is None or getattr(_local, "paused", False):
             return
         cls = type(module).__name__
         kind = _kind(module)
-        records.append(Record(
+        record = Record(
             framework="torch", tower=tower, order=counters.setdefault(tower, 0), path=name, cls=cls, kind=kind,
             shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
             variables=_own_tensors(name, module),
             activation=ACTIVATION_NAMES.get(cls), role=role_of(cls) if kind == "container" else kind,
-            output=to_numpy(tensor).copy() if keep_outputs and not tensor.is_meta else None,
+            output=to_numpy(tensor) if keep_outputs and not tensor.is_meta else None,  # no module writes its output later
             # What the tower's first layer received (the pixels, after the processor): kept for that layer only.
             input=_first_input(args) if keep_outputs and counters.get(tower, 0) == 0 else None,
             module=module, config=_config(module),
-        ))
+        )
         counters[tower] += 1
+        records.append(record)
+        if sink is not None:
+            sink(record)
 
     def _first_input(args):
         tensor = first_tensor(args)
-        return to_numpy(tensor).copy() if tensor is not None and not tensor.is_meta else None
+        return to_numpy(tensor) if tensor is not None and not tensor.is_meta else None
 
     handles = [m.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n))
                for name, m in model.named_modules() if name]
@@ -81,11 +100,12 @@ def recording(model: torch.nn.Module, keep_outputs: bool = True):
             h.remove()
 
 
-def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True) -> tuple[list[Record], dict]:
-    """One forward per tower, as `AlignModel.forward` computes them: records for both towers, and the
-    towers' features (`image_features`, `text_features`, numpy) so no second forward is needed."""
+def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True,
+                 sink: Callable[[Record], None] | None = None, towers=("vision", "text")) -> tuple[list[Record], dict]:
+    """One forward per tower, as `AlignModel.forward` computes them: records for the towers, and the towers'
+    features (`image_features`, `text_features`, numpy) so no second forward is needed."""
     from ..hf import tower_features
 
-    with recording(model, keep_outputs) as records:
-        features = tower_features(model, inputs)
+    with recording(model, keep_outputs, sink) as records:
+        features = tower_features(model, inputs, towers)
     return records, {k: to_numpy(v) for k, v in features.items()}

@@ -1,0 +1,120 @@
+"""Run both models side by side and compare each paired layer as soon as both outputs exist.
+
+The Keras tower runs in a worker thread, the HF tower in the calling one; each recorder hands its records to a
+sink here. A record that pairs with nothing is dropped at once. The first side to reach a pair waits there until
+the other side arrives; the later one compares the two and both go on. So at most one record per side is alive
+at any time, whatever the depth of the model: activation memory is bounded by the largest layer, not the sum of
+all layers. Pairs come from a probe run (small input, same call order), hence known before the run starts;
+alignment is monotone, so the two sides can never wait for each other.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from .errors import ConversionError
+from .record import Record
+
+
+class _Aborted(Exception):
+    """The other side failed: unwind this side's forward quietly; the first error is re-raised by `run`."""
+
+
+def drop_arrays(record: Record) -> None:
+    record.output, record.input, record.inputs, record.input_kwargs = None, None, (), {}
+
+
+class Lockstep:
+    """`pairs`: (keras order, torch order) of each paired layer of one tower, increasing in both.
+    `expected`: per side, the probe's record paths by order (the run must make the same calls).
+    `on_pair(index, keras_record, torch_record)`: compare; called once per pair, by whichever side comes second.
+    `keep(side, order)`: keep that record's arrays (for the diagnosis, tests) instead of dropping them once
+    compared; `True` keeps all."""
+
+    def __init__(self, pairs: list[tuple[int, int]], expected: dict[str, list[str]],
+                 on_pair: Callable[[int, Record, Record], None],
+                 keep: bool | Callable[[str, int], bool] = False):
+        self.index = {"keras": {k: i for i, (k, _) in enumerate(pairs)},
+                      "torch": {t: i for i, (_, t) in enumerate(pairs)}}
+        self.expected, self.on_pair = expected, on_pair
+        self.keep = keep if callable(keep) else (lambda side, order: keep)
+        self.records: dict[str, list[Record]] = {"keras": [], "torch": []}
+        self._cond = threading.Condition()
+        self._waiting: dict[int, Record] = {}
+        self._done: set[int] = set()
+        self._finished: set[str] = set()
+        self._error: BaseException | None = None
+
+    def sink(self, side: str) -> Callable[[Record], None]:
+        return lambda record: self._offer(side, record)
+
+    def _offer(self, side: str, record: Record) -> None:
+        expected = self.expected[side]
+        if record.order >= len(expected) or expected[record.order] != record.path:
+            want = expected[record.order] if record.order < len(expected) else "nothing more"
+            raise ConversionError(f"the {side} model made another call than in its probe run: call {record.order} is "
+                                  f"`{record.path}`, the probe had {want}; its call order depends on the input size "
+                                  "or batch, which tracer does not support")
+        self.records[side].append(record)
+        index = self.index[side].get(record.order)
+        if index is None:
+            if not self.keep(side, record.order):
+                drop_arrays(record)
+            return
+        partner = "torch" if side == "keras" else "keras"
+        with self._cond:
+            if self._error is not None:
+                raise _Aborted()
+            other = self._waiting.pop(index, None)
+            if other is None:
+                self._waiting[index] = record
+                while index not in self._done:
+                    if self._error is not None:
+                        raise _Aborted()
+                    if partner in self._finished:
+                        raise ConversionError(f"the {partner} run ended before reaching the layer paired with "
+                                              f"`{record.path}` in the probe run")
+                    self._cond.wait(timeout=0.5)
+                return
+        try:
+            keras, torch = (record, other) if side == "keras" else (other, record)
+            self.on_pair(index, keras, torch)
+        finally:
+            for r in (record, other):
+                if not self.keep(r.framework, r.order):
+                    drop_arrays(r)
+            with self._cond:
+                self._done.add(index)
+                self._cond.notify_all()
+
+    def run(self, keras_fn: Callable[[], object], torch_fn: Callable[[], object]) -> tuple[object, object]:
+        """Run `keras_fn` in a worker thread and `torch_fn` here; returns their results or raises the first error."""
+        results: dict[str, object] = {}
+
+        def guarded(side: str, fn: Callable[[], object]) -> None:
+            try:
+                results[side] = fn()
+            except _Aborted:
+                pass
+            except BaseException as exc:  # noqa: BLE001 (KeyboardInterrupt too: the other side must stop)
+                with self._cond:
+                    self._error = self._error or exc
+                    self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._finished.add(side)
+                    self._cond.notify_all()
+
+        worker = threading.Thread(target=guarded, args=("keras", keras_fn), name="tracer-keras", daemon=True)
+        worker.start()
+        try:
+            guarded("torch", torch_fn)
+        finally:
+            worker.join()
+        if self._error is not None:
+            raise self._error
+        missing = sorted(set(range(len(self.index["keras"]))) - self._done)
+        if missing:
+            raise ConversionError(f"{len(missing)} paired layer(s) were never reached in the run")
+        return results["keras"], results["torch"]
