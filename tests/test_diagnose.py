@@ -45,7 +45,8 @@ def good(tiny_bundle):
     from tracer.checkpoint import open_checkpoint
     from tracer.inputs import build_processor, default_vocab_file
     from tracer.mapping import map_by_rules
-    from tracer.pipeline import ConvertOptions, load_inputs, trace
+    from tracer.pipeline import ConvertOptions, load_inputs
+    from tracer.trace import trace
     from tracer.rules import ALIGN_RULES
     from tracer.spec import derive_spec
 

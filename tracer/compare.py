@@ -82,6 +82,12 @@ def compare_embeddings(keras: dict | None, hf: dict, temperature_checkpoint: flo
     )
 
 
+def with_embeds(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tower features plus their L2-normalised `*_embeds`."""
+    return {**features, **{k.replace("features", "embeds"): v / np.linalg.norm(v, axis=-1, keepdims=True)
+                           for k, v in features.items()}}
+
+
 def to_keras_layout(torch_array: np.ndarray, keras_shape: tuple[int, ...]) -> np.ndarray:
     """A torch activation in Keras layout: NCHW -> NHWC, then singleton axes reconciled by a reshape."""
     a = np.transpose(torch_array, (0, 2, 3, 1)) if torch_array.ndim == 4 else torch_array

@@ -1,0 +1,239 @@
+"""The traced run: both models recorded tower by tower, their layers paired, the mapping inferred and confirmed,
+the weights copied, every paired layer compared while both outputs exist.
+
+Per tower: the Keras tower is built on a small probe input with its weights straight from the checkpoint; both
+towers' call order on that probe gives the pairs (`pairing`), hence the mapping (`infer`) and the copy; then both
+towers run on the real inputs side by side (`lockstep`), in chunks of examples that keep activation memory within
+the budget, and only each layer's sums (`compare.Measured`) are kept. The Keras tower is released before the next
+one is built. Arrays are kept only where the diagnosis needs them, from a second, one-example pass that runs only
+when something diverged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import hf as hf_side
+from .compare import Measured, layer_rows, max_abs, with_embeds
+from .mapping import Entry, WeightMap
+from .memory import trim
+from .pairing import Pair, pair_records
+from .progress import progress, stage
+from .record import Record
+from .record.torch import tower_of
+from .transfer import Coverage, coverage_of, transfer
+
+
+@dataclass
+class Traced:
+    weight_map: WeightMap
+    conflicts: list[str]
+    unmapped: list[str]
+    coverage: Coverage | None = None  # None: the mapping was incomplete or conflicting, nothing was copied
+    keras_out: dict | None = None
+    hf_out: dict | None = None
+    pairs: list = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+PROBE_IMAGE_SIZE = 65  # the probe run's image side: call order and kinds do not depend on it, its cost does
+WORKING_SET = 8  # arrays of a layer's size alive at once while a pair is compared (both sides, inputs, re-run, diff)
+
+
+def chunk_size(records: list[Record], scale: float, budget_mb: float) -> int:
+    """Examples per chunk so that comparing the tower's largest layer stays within `budget_mb`; `scale`: how much
+    larger one example's activations are in the run than in the probe."""
+    largest = max((int(np.prod(r.shape[1:])) for r in records if r.shape), default=1) * scale
+    return max(1, int(budget_mb * 2**20 // (largest * 4 * WORKING_SET)))
+
+
+def _restrict(table: WeightMap | None, names: set[str]) -> WeightMap | None:
+    if table is None:
+        return None
+    return WeightMap([e for e in table.entries if e.variable in names], [n for n in table.unmatched if n in names],
+                     table.stray)
+
+
+def _needed(rows: list[dict], pairs: list[Pair], window: int = 30) -> dict[str, set[int]]:
+    """Record orders whose arrays the diagnosis needs: around each diverged layer (its block's members before it,
+    the pads after it) and the tower's first layers (the preprocessing check)."""
+    needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
+    by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
+    for row in [r for r in rows if r["status"] != "ok"][:10]:
+        pair = by_path.get((row["keras_layer"], row["hf_module"]))
+        for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
+            if record is not None:
+                needed[side].update(range(max(0, record.order - window), record.order + 4))
+    return needed
+
+
+def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings,
+          keep_activations: bool = False) -> Traced:
+    """Tower by tower (`_trace_tower`), then what belongs to no tower (the temperature): record both models, pair
+    their layers, infer and confirm the mapping, copy the weights, compare. `keep_activations` keeps every array
+    and the Keras layers (tests, debugging); otherwise activation memory stays within
+    `options.activation_budget_mb` and one Keras tower is alive at a time."""
+    from .infer import infer_mapping, reconcile
+    from .keras_ref.eager import EagerReference
+
+    keras = EagerReference(spec, values=checkpoint.read)
+    writer = hf_side.StateWriter(hf_model)
+    chosen, conflicts, unmapped, pairs, rows = [], [], [], [], []
+    features: dict[str, dict] = {"keras": {}, "hf": {}}
+    for tower in hf_side.TOWERS:
+        t = _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
+                         keep_activations)
+        chosen += t.weight_map.entries
+        conflicts += t.conflicts
+        unmapped += t.unmapped
+        if t.conflicts or t.unmapped:
+            return Traced(WeightMap(chosen), conflicts, unmapped)
+        pairs += t.pairs
+        rows += t.rows
+        features["keras"].update(t.keras_out)
+        features["hf"].update(t.hf_out)
+        if not keep_activations:
+            keras.release(tower)
+            trim()
+    with stage("copy weights", timings):  # what belongs to no tower: the temperature
+        used = {e.variable for e in chosen}
+        rest = {n: s for n, s in shapes.items() if n not in used}
+        free = {n: s for n, s in hf_side.hf_shapes(hf_model).items() if tower_of(n) is None}
+        left, conflicts = reconcile(_restrict(table, set(rest)), infer_mapping([], rest, free), mode)
+        order = {n: i for i, n in enumerate(shapes)}  # checkpoint order, as the table gives it
+        weight_map = WeightMap(sorted(chosen + left.entries, key=lambda e: order[e.variable]))
+        unmapped = [n for n in rest if n not in {e.variable for e in left.entries}]
+        if conflicts or unmapped:
+            return Traced(weight_map, conflicts, unmapped)
+        transfer(checkpoint.read, list(rest), left, writer, allow_nonfinite=True)
+        coverage = coverage_of(writer, weight_map.entries, len(shapes))
+    mark_mismatches(weight_map.entries, rows)
+    return Traced(weight_map, [], [], coverage, with_embeds(features["keras"]), with_embeds(features["hf"]),
+                  pairs, rows)
+
+
+def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
+                 keep_activations) -> Traced:
+    """One tower: build the Keras tower on a probe input (weights straight from the checkpoint), record both
+    towers' call order on it, pair the layers, infer and confirm the mapping, copy the weights, then run both
+    towers on the real inputs side by side, comparing each pair as soon as both outputs exist (`lockstep`), in
+    chunks of examples that keep activation memory within the budget. Returns the tower's part of a `Traced`."""
+    from .infer import infer_mapping, reconcile
+    from .record.keras import record_keras
+    from .record.torch import record_torch
+
+    probe = inputs.select(slice(1), slice(1), image_size=PROBE_IMAGE_SIZE if tower == "vision" else None)
+    with stage("build Keras and probe call order", timings):
+        keras_probe = record_keras(keras, probe, keep_outputs=False, towers=(tower,))
+        names = set(keras.variables(tower))
+    with stage("probe HF call order", timings):
+        for module in hf_side.tower_modules(hf_model, tower):
+            hf_side.materialize_uninitialized(module)  # zeros until the weights arrive
+        writer.refresh()
+        torch_probe, _ = record_torch(hf_model, probe, keep_outputs=False, towers=(tower,))
+    with stage("pair and infer", timings):
+        pairs = pair_records(keras_probe, torch_probe)
+        tower_hf = {n: s for n, s in hf_side.hf_shapes(hf_model).items() if tower_of(n) == tower}
+        inference = infer_mapping(pairs, {n: shapes[n] for n in shapes if n in names}, tower_hf)
+        weight_map, conflicts = reconcile(_restrict(table, names), inference, mode)
+        mapped = {e.variable for e in weight_map.entries}
+        unmapped = [n for n in shapes if n in names and n not in mapped]
+    if conflicts or unmapped:
+        return Traced(weight_map, conflicts, unmapped)
+    with stage("copy weights", timings):
+        variables = keras.variables(tower)  # read as views of the variables' buffers (`.numpy()` copies)
+        transfer(lambda n: np.asarray(variables[n].value()), list(names), WeightMap(weight_map.entries), writer,
+                 allow_nonfinite=True)
+
+    paired = [p for p in pairs if p.paired]
+    total = inputs.num_images if tower == "vision" else inputs.num_texts
+    scale = (inputs.image_size / PROBE_IMAGE_SIZE) ** 2 if tower == "vision" else 1.0
+    step = total if keep_activations else chunk_size(keras_probe + torch_probe, scale, options.activation_budget_mb)
+    measured = [Measured() for _ in paired]
+    outputs: dict[str, list] = {"keras": [], "hf": []}
+    name = "image_features" if tower == "vision" else "text_features"
+    with stage(f"trace and compare {tower}", timings):
+        for start in progress(range(0, total, step), desc=f"trace {tower}", unit="chunk"):
+            part = slice(start, start + step)
+            chunk = inputs.select(part, slice(None)) if tower == "vision" else inputs.select(slice(None), part)
+            keras_records, torch_records, out = _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe,
+                                                          torch_probe, measured, keep_activations)
+            outputs["keras"].append(out["keras"])
+            outputs["hf"].append(out["hf"])
+    for record in keras_records + torch_records:  # the last chunk's records stand for the whole run
+        record.shape = (total, *record.shape[1:]) if record.shape else record.shape
+    by_probe_pair = dict(zip(map(id, paired), measured))
+    tower_pairs = _final_pairs(pairs, keras_records, torch_records, by_probe_pair)
+    rows = layer_rows(tower_pairs, weight_map.entries, spec.vision.block_names())
+    needed = None if keep_activations else {"keras": set(), "torch": set()}
+    features = {side: np.concatenate(v) for side, v in outputs.items()}
+    embeds = {side: f / np.linalg.norm(f, axis=-1, keepdims=True) for side, f in features.items()}
+    off = not max_abs(embeds["keras"], embeds["hf"]) <= options.atol  # where its error enters is worth a hint
+    if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
+        with stage(f"capture {tower} for diagnosis", timings):
+            needed = _needed(rows, tower_pairs)
+            keras_records, torch_records, _ = _lockstep(
+                keras, hf_model, inputs.select(slice(1), slice(1)), tower, pairs, paired, keras_probe, torch_probe,
+                [Measured() for _ in paired], keep=lambda side, order: order in needed[side])
+        tower_pairs = _final_pairs(pairs, keras_records, torch_records, by_probe_pair)
+    if needed is not None:  # a record holds its Keras layer alive: keep only those the diagnosis may look at
+        for record in keras_records:
+            if record.order not in needed["keras"]:
+                record.layer = None
+    return Traced(weight_map, [], [], None, {name: features["keras"]}, {name: features["hf"]}, tower_pairs, rows)
+
+
+def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_probe, measured, keep=False):
+    """One chunk of one tower through both models side by side; adds each pair's metrics to `measured`."""
+    from .lockstep import Lockstep
+    from .record.keras import record_keras
+    from .record.torch import record_torch
+
+    k_order = {id(r): i for i, r in enumerate(keras_probe)}
+    t_order = {id(r): i for i, r in enumerate(torch_probe)}
+    index = [(k_order[id(p.keras)], t_order[id(p.torch)]) for p in paired]
+    last_keras: dict[str, np.ndarray] = {}
+
+    def on_pair(i, k, t):
+        probe = paired[i]  # a fused pair's weight record is the probe's: it holds the same module as the run's
+        weights = t if probe.torch_weights is probe.torch else probe.torch_weights
+        measured[i].add(Pair(tower, k, t, weights))
+
+    step = Lockstep(index, {"keras": [r.path for r in keras_probe], "torch": [r.path for r in torch_probe]}, on_pair,
+                    keep=keep)
+    keras_sink = step.sink("keras")
+
+    def keras_side(record):
+        last_keras["output"] = record.output  # the tower's last record is its output: keep it past the comparison
+        keras_sink(record)
+
+    def run_keras():
+        return record_keras(keras, chunk, sink=keras_side, towers=(tower,))
+
+    def run_torch():
+        return record_torch(hf_model, chunk, sink=step.sink("torch"), towers=(tower,))
+
+    keras_records, (torch_records, hf_features) = step.run(run_keras, run_torch)
+    name = "image_features" if tower == "vision" else "text_features"
+    return keras_records, torch_records, {"keras": np.array(last_keras["output"]), "hf": hf_features[name]}
+
+
+def _final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair) -> list[Pair]:
+    """The probe's pairs with the run's records (real shapes, and arrays where kept) and their metrics."""
+    out = []
+    for p in pairs:
+        k = keras_records[p.keras.order] if p.keras is not None else None
+        t = torch_records[p.torch.order] if p.torch is not None else None
+        w = torch_records[p.torch_weights.order] if p.torch_weights is not None else None
+        out.append(Pair(p.tower, k, t, w, p.score, measured_by_probe_pair.get(id(p))))
+    return out
+
+
+def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:
+    """A `confirmed` entry whose layer's own output does not match is not confirmed: mark it `mismatch`."""
+    faulty = {v.split(" -> ")[0] for r in rows if r["status"] == "diverged" for v in r["weights"].split("; ") if v}
+    for e in entries:
+        if e.status == "confirmed" and e.variable in faulty:
+            e.status = "mismatch"
