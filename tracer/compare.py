@@ -117,8 +117,9 @@ class Sums:
     """The sums `Divergence` is made of (d = candidate - reference, r = reference), so that a layer measured in
     several chunks of examples adds up to what one pass over all of them gives. Float32 on all cores through
     torch, in as few passes over memory as the metrics allow: one subtraction, then BLAS dot products (‖c‖² and
-    r·c follow from r·r, r·d and d·d; relative error ~5e-5 on 10^7 terms, far below what the tolerances
-    resolve), one min/max and one 1-norm; chunks add up in float64."""
+    r·c follow from r·r, r·d and d·d; relative error up to ~3e-4 on 10^6-10^7 terms, far below what the
+    tolerances resolve: they are orders of magnitude apart), one min/max and one 1-norm; chunks add up in
+    float64. A NaN anywhere makes the metrics NaN, and `layer_status` calls that diverged."""
 
     n: int = 0
     d2: float = 0.0
@@ -131,8 +132,7 @@ class Sums:
         """Add one pair of same-shape arrays (any strides: a transposed view is not copied first)."""
         import torch
 
-        r = torch.from_numpy(np.asarray(reference, dtype=np.float32))
-        c = torch.from_numpy(np.asarray(candidate, dtype=np.float32))
+        r, c = _float32_tensor(reference), _float32_tensor(candidate)
         if r.numel() == 0:
             return self
         with torch.inference_mode():
@@ -142,8 +142,9 @@ class Sums:
             self.d2 += float(torch.dot(d, d))
             self.r2 += float(torch.dot(r, r))
             self.rd += float(torch.dot(r, d))
-            low, high = torch.aminmax(d)
-            self.max_abs = max(self.max_abs, -float(low), float(high))
+            low, high = (float(v) for v in torch.aminmax(d))
+            # NaN anywhere makes every metric NaN (Python's max would silently drop it).
+            self.max_abs = float("nan") if np.isnan(low) or np.isnan(high) else max(self.max_abs, -low, high)
             self.abs_sum += float(torch.linalg.vector_norm(d, 1))
         return self
 
@@ -152,10 +153,12 @@ class Sums:
             return Divergence(0.0, 0.0, 0.0, 1.0)
         c2 = max(self.r2 + 2 * self.rd + self.d2, 0.0)
         rn, cn = np.sqrt(self.r2), np.sqrt(c2)
-        if rn and cn:  # 1 - cos without cancellation: (|r|²|d|² - (r·d)²) / (|r||c| (|r||c| + r·c))
+        if rn and cn:
             rc = self.r2 + self.rd
-            cosine = 1.0 - max(self.r2 * self.d2 - self.rd ** 2, 0.0) / (rn * cn * (rn * cn + rc)) \
-                if rn * cn + rc > 0 else rc / (rn * cn)
+            if rc > 0:  # near 1: 1 - cos without cancellation, (|r|²|d|² - (r·d)²) / (|r||c| (|r||c| + r·c))
+                cosine = 1.0 - max(self.r2 * self.d2 - self.rd ** 2, 0.0) / (rn * cn * (rn * cn + rc))
+            else:
+                cosine = max(rc / (rn * cn), -1.0)
         else:
             cosine = float(rn == cn)
         return Divergence(
@@ -164,6 +167,16 @@ class Sums:
             rel_l2=float(np.sqrt(self.d2) / max(rn, 1e-30)),
             cosine=float(cosine),
         )
+
+
+def _float32_tensor(array: np.ndarray):
+    """A float32 torch view of `array` (a copy only where torch cannot view it: negative strides, other dtypes)."""
+    import torch
+
+    a = np.asarray(array, dtype=np.float32)
+    if any(stride < 0 for stride in a.strides):
+        a = np.ascontiguousarray(a)
+    return torch.from_numpy(a)
 
 
 def divergence(reference: np.ndarray, candidate: np.ndarray) -> Divergence:
@@ -330,6 +343,8 @@ def layer_rows(pairs, entries: list, block_names: list[str]) -> list[dict]:
 
 
 def layer_status(rel_l2: float, local_rel_l2: float, growth: float, max_abs: float = 0.0) -> str:
+    if rel_l2 != rel_l2 or max_abs != max_abs:  # NaN: one side computed no number where the other did
+        return "diverged"
     if local_rel_l2 == local_rel_l2 and local_rel_l2 > LOCAL_REL_L2:  # measured (not NaN) and over
         return "diverged"
     if rel_l2 > ACCUMULATED_REL_L2:

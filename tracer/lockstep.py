@@ -1,10 +1,10 @@
 """Run both models side by side and compare each paired layer as soon as both outputs exist.
 
 The Keras tower runs in a worker thread, the HF tower in the calling one; each recorder hands its records to a
-sink here. A record that pairs with nothing is dropped at once. The first side to reach a pair waits there until
-the other side arrives; the later one compares the two and both go on. So at most one record per side is alive
-at any time, whatever the depth of the model: activation memory is bounded by the largest layer, not the sum of
-all layers. Pairs come from a probe run (small input, same call order), hence known before the run starts;
+sink here. A record that pairs with nothing is dropped at once. The first side to reach a pair waits there; the
+second hands its record over and goes on; the waiting side compares the two, then goes on. So
+at most two records per side are alive at any time, whatever the depth of the model: activation memory is
+bounded by the largest layers, not the sum of all layers. Pairs come from a probe run (small input, same call order), hence known before the run starts;
 alignment is monotone, so the two sides can never wait for each other.
 """
 
@@ -41,7 +41,8 @@ class Lockstep:
         self.keep = keep if callable(keep) else (lambda side, order: keep)
         self.records: dict[str, list[Record]] = {"keras": [], "torch": []}
         self._cond = threading.Condition()
-        self._waiting: dict[int, Record] = {}
+        self._waiting: dict[int, Record] = {}  # pair -> the first side's record, its side waiting there
+        self._arrived: dict[int, Record] = {}  # pair -> the second side's record, handed to the waiting side
         self._done: set[int] = set()
         self._finished: set[str] = set()
         self._error: BaseException | None = None
@@ -66,17 +67,21 @@ class Lockstep:
         with self._cond:
             if self._error is not None:
                 raise _Aborted()
-            other = self._waiting.pop(index, None)
-            if other is None:
-                self._waiting[index] = record
-                while index not in self._done:
-                    if self._error is not None:
-                        raise _Aborted()
-                    if partner in self._finished:
-                        raise ConversionError(f"the {partner} run ended before reaching the layer paired with "
-                                              f"`{record.path}` in the probe run")
-                    self._cond.wait(timeout=0.5)
+            if self._waiting.pop(index, None) is not None:  # the partner waits there: hand over and go on
+                self._arrived[index] = record
+                self._cond.notify_all()
                 return
+            self._waiting[index] = record
+            while index not in self._arrived:
+                if self._error is not None:
+                    raise _Aborted()
+                if partner in self._finished:
+                    raise ConversionError(f"the {partner} run ended before reaching the layer paired with "
+                                          f"`{record.path}` in the probe run")
+                self._cond.wait(timeout=0.5)
+            other = self._arrived.pop(index)
+        # The side that waited compares, while the other side computes on: the comparison overlaps the slower
+        # model's forward, and at most one more record per side is alive meanwhile.
         try:
             keras, torch = (record, other) if side == "keras" else (other, record)
             self.on_pair(index, keras, torch)
@@ -86,7 +91,6 @@ class Lockstep:
                     drop_arrays(r)
             with self._cond:
                 self._done.add(index)
-                self._cond.notify_all()
 
     def run(self, keras_fn: Callable[[], object], torch_fn: Callable[[], object]) -> tuple[object, object]:
         """Run `keras_fn` in a worker thread and `torch_fn` here; returns their results or raises the first error."""

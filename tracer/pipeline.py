@@ -20,6 +20,7 @@ from .errors import BadInputError, ConversionError, ParityError, PushError
 from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
 from .mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
+from .memory import trim
 from .output import preflight, write_file_atomically, write_folder_atomically
 from .progress import stage
 from .rules import ALIGN_RULES
@@ -152,6 +153,7 @@ def save_verified(model, processor, destination: Path, overwrite: bool, timings:
     def verify(tmp: Path) -> None:
         with stage("reload check", timings):
             model.to("meta")  # free the weights: the reloaded model takes their place
+            trim()
             reloaded = AlignModel.from_pretrained(tmp).eval()
             got = {k: tensor_checksum(v.detach().numpy()) for k, v in reloaded.state_dict().items()}
             differ = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
