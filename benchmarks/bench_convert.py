@@ -98,7 +98,8 @@ def _weight_shapes(checkpoint: str) -> dict:
 def run_tracer(checkpoint: str, inputs_file: str, out_dir: str, trace: bool) -> dict:
     import convert
 
-    args = ["--checkpoint_path", checkpoint, "--inputs", inputs_file, "--save_model", "--overwrite",
+    budget = os.environ.get("TRACER_BENCH_BUDGET_MB")  # --budget, passed down to the child
+    args = (["--activation_budget_mb", budget] if budget else []) + ["--checkpoint_path", checkpoint, "--inputs", inputs_file, "--save_model", "--overwrite",
             "--pytorch_dump_folder_path", out_dir, "--log_level", "warning"]
     if trace:
         args += ["--trace", "--report_dir", str(Path(out_dir).parent / "report")]
@@ -156,6 +157,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="base", choices=["tiny", "small", "base"])
     parser.add_argument("--modes", default="baseline,plain,trace")
+    parser.add_argument("--budget", type=float, default=None, help="--activation_budget_mb for the traced run")
     parser.add_argument("--batch", type=int, default=None,
                         help="run on this many images and texts (the demo's inputs repeated, with their reference "
                              "outputs); default: the demo's own 2")
@@ -175,6 +177,8 @@ def main() -> int:
     checkpoint, inputs_file = str(bundle / "model-weights"), str(bundle / "reference.npz")
     if args.batch:
         inputs_file = _repeated_inputs(inputs_file, args.batch)
+    if args.budget:
+        os.environ["TRACER_BENCH_BUDGET_MB"] = str(args.budget)
     results = {}
     for mode in args.modes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", checkpoint,
@@ -199,8 +203,9 @@ def main() -> int:
                       f"{target['rss']}×, {'met' if rss <= target['rss'] else 'MISSED'})")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    stamp = {"size": args.size, "batch": args.batch or 2, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "modes": results}
-    name = f"convert-{args.size}" + (f"-batch{args.batch}" if args.batch else "")
+    stamp = {"size": args.size, "batch": args.batch or 2, "activation_budget_mb": args.budget or 512, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "modes": results}
+    name = f"convert-{args.size}" + (f"-batch{args.batch}" if args.batch else "") + \
+        (f"-budget{args.budget:g}" if args.budget else "")
     (out / f"{name}.json").write_text(json.dumps(stamp, indent=2) + "\n")
     with open(out / f"{name}.csv", "w") as f:
         f.write("mode,wall_s,cpu_s,peak_rss_mb,wall_ratio,rss_ratio\n")
