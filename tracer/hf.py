@@ -156,6 +156,10 @@ class StateWriter:
         """Re-read the model's tensors (after a tower is materialised)."""
         self._state = self.model.state_dict()
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """The model's tensor `name` as it is now."""
+        return self._state[name]
+
     def materialized(self, name: str) -> bool:
         """Whether `name` has storage to copy into (else a write gives it the tensor's)."""
         return name in self._state and not self._state[name].is_meta

@@ -73,21 +73,24 @@ def transfer(
             nonfinite.append(entry.variable)
             if not allow_nonfinite:
                 continue
-        value = get_transform(entry.transform)(array)
+        transform, materialized = get_transform(entry.transform), writer.materialized(entry.parameter)
+        value = transform.view(array) if materialized else transform(array)  # copied into place, or kept as is
         needed = writer.expected.get(entry.parameter, (value.shape,))[0]
         if tuple(value.shape) != tuple(needed):
-            keras_needed = get_transform(entry.transform).inverse(np.empty(needed, array.dtype)).shape
+            keras_needed = transform.inverse(np.empty(needed, array.dtype)).shape
             raise ConversionError(
                 f"`{entry.variable}`: checkpoint shape {array.shape}, but the ALIGN derived from the checkpoint's other "
                 f"variables needs {keras_needed} (as `{entry.parameter}` {tuple(needed)}); the checkpoint's layers "
                 "do not fit one ALIGN configuration, so it cannot be converted (was it edited or assembled from "
                 "several models?)")
         entry.hf_shape = tuple(value.shape)
-        entry.keras_checksum, entry.hf_checksum = tensor_checksum(array), tensor_checksum(value)
-        if writer.materialized(entry.parameter):  # copied into place now: nothing accumulates
+        entry.keras_checksum = tensor_checksum(array)
+        if materialized:  # copied into place now (any strides): nothing accumulates
             writer.write({entry.parameter: torch.from_numpy(value)})
-        else:  # becomes the parameter's storage (contiguous, for fast kernels): no second copy
-            tensors[entry.parameter] = torch.from_numpy(np.require(value, requirements="C"))
+            entry.hf_checksum = tensor_checksum(writer.tensor(entry.parameter).numpy())
+        else:  # becomes the parameter's storage: no second copy
+            entry.hf_checksum = tensor_checksum(value)
+            tensors[entry.parameter] = torch.from_numpy(value)
     if nonfinite:
         if not allow_nonfinite:
             raise BadInputError(

@@ -22,9 +22,13 @@ class Transform:
     keras_rank: tuple[int, ...]  # ranks accepted on the Keras side
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(self.view(array), order="C")  # contiguous, for torch.from_numpy
+
+    def view(self, array: np.ndarray) -> np.ndarray:
+        """The PyTorch-layout array as a view where it can be (no copy): for a caller that copies it anyway."""
         if array.ndim not in self.keras_rank:
             raise ConversionError(f"transform `{self.name}` expects rank {self.keras_rank}, got shape {array.shape}")
-        return np.asarray(self.forward(array), order="C")  # contiguous, for torch.from_numpy
+        return self.forward(array)
 
     def shape(self, keras_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The PyTorch shape this transform produces, computed without data."""
