@@ -285,8 +285,8 @@ def test_path_forms_accepted(saved, tmp_path):
     with open_checkpoint(tmp_path / "one") as ckpt:
         assert ckpt.path == str(prefix) and set(ckpt.weights) == set(expected)
     # the .index itself and a data shard
-    for given in (str(prefix) + ".index", str(prefix) + ".data-00000-of-00001"):
-        with open_checkpoint(given) as ckpt:
+    for form in (str(prefix) + ".index", str(prefix) + ".data-00000-of-00001"):
+        with open_checkpoint(form) as ckpt:
             assert ckpt.path == str(prefix)
     # a directory whose `checkpoint` file names a relative prefix, next to other checkpoints
     shutil.copy(str(prefix) + ".index", tmp_path / "one" / "older.index")

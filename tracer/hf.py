@@ -9,6 +9,7 @@ import torch
 from transformers import AlignConfig, AlignModel, AlignTextConfig, AlignVisionConfig
 
 from .errors import BadInputError, ConversionError
+from .record import FEATURES, TOWERS
 from .spec import AlignSpec
 
 logger = logging.getLogger(__name__)
@@ -73,17 +74,14 @@ def build_empty(config: AlignConfig) -> AlignModel:
     return model.eval()
 
 
-TOWERS = ("vision", "text")
-
-
 def tower_features(model: AlignModel, inputs, towers=TOWERS) -> dict[str, torch.Tensor]:
     """One forward per tower, as `AlignModel.forward` computes them (image and text may differ in number)."""
     out = {}
     with torch.inference_mode():
         if "vision" in towers:
-            out["image_features"] = model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output
+            out[FEATURES["vision"]] = model.get_image_features(pixel_values=inputs.torch_pixel_values()).pooler_output
         if "text" in towers:
-            out["text_features"] = model.get_text_features(**inputs.torch_text()).pooler_output
+            out[FEATURES["text"]] = model.get_text_features(**inputs.torch_text()).pooler_output
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 
 from . import hf as hf_side
 from .checkpoint import open_checkpoint
-from .compare import DEFAULT_ATOL, Parity, compare_embeddings, max_abs
+from .compare import DEFAULT_ATOL, Parity, compare_embeddings, max_abs, with_embeds
 from .errors import BadInputError, ConversionError, ParityError, PushError
 from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
@@ -96,12 +96,9 @@ def load_inputs(options: ConvertOptions, processor, spec: AlignSpec) -> Inputs:
 
 
 def hf_embed(model: torch.nn.Module, inputs: Inputs) -> dict[str, np.ndarray]:
-    """`image_embeds` and `text_embeds` exactly as `AlignModel.forward` computes them, one tower at a time."""
-    out = {}
-    for name, features in hf_side.tower_features(model, inputs).items():
-        out[name] = features.numpy()
-        out[name.replace("features", "embeds")] = (features / features.norm(p=2, dim=-1, keepdim=True)).numpy()
-    return out
+    """Both towers' features, one forward each as `AlignModel.forward` runs them, and their L2-normalised
+    `*_embeds` (normalised as the traced run's are)."""
+    return with_embeds({k: v.numpy() for k, v in hf_side.tower_features(model, inputs).items()})
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ from .mapping import Entry, WeightMap
 from .memory import trim
 from .pairing import Pair, pair_records
 from .progress import progress, stage
-from .record import Record
+from .record import FEATURES, PROBE_IMAGE_SIZE, TOWERS, Record
 from .record.torch import tower_of
 from .transfer import Coverage, coverage_of, transfer
 
@@ -38,7 +38,6 @@ class Traced:
     rows: list[dict] = field(default_factory=list)
 
 
-PROBE_IMAGE_SIZE = 65  # the probe run's image side: call order and kinds do not depend on it, its cost does
 WORKING_SET = 8  # arrays of a layer's size alive at once while a pair is compared (both sides, inputs, re-run, diff)
 
 
@@ -82,7 +81,7 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
     writer = hf_side.StateWriter(hf_model)
     chosen, conflicts, unmapped, pairs, rows = [], [], [], [], []
     features: dict[str, dict] = {"keras": {}, "hf": {}}
-    for tower in hf_side.TOWERS:
+    for tower in TOWERS:
         t = _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
                          keep_activations)
         chosen += t.weight_map.entries
@@ -153,7 +152,7 @@ def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inpu
     step = total if keep_activations else chunk_size(keras_probe + torch_probe, scale, options.activation_budget_mb)
     measured = [Measured() for _ in paired]
     outputs: dict[str, list] = {"keras": [], "hf": []}
-    name = "image_features" if tower == "vision" else "text_features"
+    name = FEATURES[tower]
     with stage(f"trace and compare {tower}", timings):
         for start in progress(range(0, total, step), desc=f"trace {tower}", unit="chunk"):
             part = slice(start, start + step)
@@ -169,7 +168,7 @@ def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inpu
     rows = layer_rows(tower_pairs, weight_map.entries, spec.vision.block_names())
     needed = None if keep_activations else {"keras": set(), "torch": set()}
     features = {side: np.concatenate(v) for side, v in outputs.items()}
-    embeds = {side: f / np.linalg.norm(f, axis=-1, keepdims=True) for side, f in features.items()}
+    embeds = {side: with_embeds({name: f})[name.replace("features", "embeds")] for side, f in features.items()}
     off = not max_abs(embeds["keras"], embeds["hf"]) <= options.atol  # where its error enters is worth a hint
     if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
         with stage(f"capture {tower} for diagnosis", timings):
@@ -216,8 +215,7 @@ def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_p
         return record_torch(hf_model, chunk, sink=step.sink("torch"), towers=(tower,))
 
     keras_records, (torch_records, hf_features) = step.run(run_keras, run_torch)
-    name = "image_features" if tower == "vision" else "text_features"
-    return keras_records, torch_records, {"keras": np.array(last_keras["output"]), "hf": hf_features[name]}
+    return keras_records, torch_records, {"keras": np.array(last_keras["output"]), "hf": hf_features[FEATURES[tower]]}
 
 
 def _final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair) -> list[Pair]:

@@ -37,6 +37,7 @@ import tensorflow as tf
 import tf_keras
 
 from ..errors import BadInputError, ConversionError
+from ..record import PROBE_IMAGE_SIZE, TOWERS
 from ..spec import AlignSpec
 from .bert import TFBertModel
 from .efficientnet import efficientnet_features, model_name
@@ -44,10 +45,8 @@ from .efficientnet import efficientnet_features, model_name
 __all__ = ["Container", "EagerLayers", "EagerReference", "Hook", "PROBE_IMAGE_SIZE", "TOWERS", "VISION_PATH",
            "TEXT_PATH"]
 
-TOWERS = ("vision", "text")
 VISION_PATH = "vision_encoder"  # coyo's tower model names: the first part of every layer path
 TEXT_PATH = "text_encoder"
-PROBE_IMAGE_SIZE = 65  # the smallest comfortable size for building the vision tower (5 stride-2 steps: 65 -> 3)
 
 # hook(layer, path, inputs, kwargs, output): `inputs` are the tensors the layer got positionally (a merge layer's
 # list is spread out), `kwargs` the tensors it got by name; `output` is what it returned.
@@ -249,10 +248,10 @@ class EagerReference:
         """`{name without ':0': variable}` of one built tower, or of both built towers and the temperature."""
         if tower is None:
             return {**self._variables["vision"], **self._variables["text"], self.temperature_name: self.temperature}
-        return dict(self._variables[_check_tower(tower)])
+        return dict(self._variables[check_tower(tower)])
 
     def built(self, tower: str) -> bool:
-        return self._built[_check_tower(tower)]
+        return self._built[check_tower(tower)]
 
     def unused(self, names: Iterable[str]) -> list[str]:
         """Those of `names` no variable was created from (so far)."""
@@ -262,7 +261,7 @@ class EagerReference:
     def release(self, tower: str) -> None:
         """Drop the tower's layers and variables (the next call builds it again, from `values` again). Its memory is
         freed once nothing else holds them (records keep their `layer`)."""
-        if _check_tower(tower) == "vision":
+        if check_tower(tower) == "vision":
             self._vision = self._vision_model = None
         else:
             self._bert = self._projection = None
@@ -272,7 +271,7 @@ class EagerReference:
 
     def build(self, tower: str) -> None:
         """Build a tower on a small probe input (1x65x65x3 pixels / one text of `seq_length` tokens)."""
-        if _check_tower(tower) == "vision":
+        if check_tower(tower) == "vision":
             self.image_features(np.zeros((1, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, 3), np.float32))
         else:
             ids = np.zeros((1, self.spec.text.seq_length), np.int32)
@@ -343,7 +342,7 @@ class EagerReference:
                 "text_embeds": tf.nn.l2_normalize(text, axis=-1).numpy()}
 
 
-def _check_tower(tower: str) -> str:
+def check_tower(tower: str) -> str:
     if tower not in TOWERS:
         raise BadInputError(f"unknown tower {tower!r}; expected one of {', '.join(TOWERS)}")
     return tower

@@ -14,6 +14,10 @@ import numpy as np
 # Records hold read-only views of TF tensors; torch reads them without writing (comparisons, module re-runs).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
+TOWERS = ("vision", "text")
+FEATURES = {"vision": "image_features", "text": "text_features"}  # each tower's output, as AlignModel names it
+PROBE_IMAGE_SIZE = 65  # the probe run's image side: call order and kinds do not depend on it (5 stride-2 steps: 65 -> 3)
+
 # Class name -> normalised kind. Kinds are what pairing compares; classes not listed are containers.
 LEAF_KINDS = {
     # Keras

@@ -14,7 +14,6 @@ from typing import Callable, Iterable
 import numpy as np
 import tensorflow as tf
 
-from ..errors import BadInputError
 from . import CONFIG_KEYS, Record, first_tensor, kind_of, role_of, to_numpy
 
 
@@ -91,13 +90,11 @@ def record_keras(model, inputs, keep_outputs: bool = True, sink: Callable[[Recor
     record is passed to it as soon as it is made, fully built; the recorder never touches it again (the sink may
     drop its arrays). `keep_outputs=False` keeps shapes only (no arrays at all).
     """
-    from ..keras_ref.eager import TOWERS, EagerReference
+    from ..keras_ref.eager import EagerReference, check_tower
 
     reference = model if isinstance(model, EagerReference) else EagerReference.from_model(model)
     records: list[Record] = []
-    for tower in towers:
-        if tower not in TOWERS:
-            raise BadInputError(f"unknown tower {tower!r}; expected one of {', '.join(TOWERS)}")
+    for tower in map(check_tower, towers):
         recorder = _Recorder(tower, keep_outputs, sink)
         if tower == "vision":
             reference.image_features(inputs.pixel_values_nhwc, hook=recorder)
