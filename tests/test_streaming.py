@@ -550,3 +550,19 @@ def test_max_shard_size_writes_shards_and_reloads(tiny_bundle, tmp_path):
     sizes = [(out / n).stat().st_size for n in shards]
     assert max(sizes) < sum(sizes) / 2
 
+
+
+def test_a_streamed_run_keeps_the_arrays_its_diagnosis_needs(tiny_bundle, tmp_path):
+    """Without `keep_activations` the traced run keeps no arrays, except those of a one-example capture pass around
+    the rows the diagnosis explains: a BatchNorm epsilon fault is still located and named."""
+    from tracer.diagnose import hint_classes
+
+    options = ConvertOptions(checkpoint_path=str(tiny_bundle / "model-weights"),
+                             inputs_file=str(tiny_bundle / "reference.npz"), trace=True,
+                             report_dir=str(tmp_path / "report"), hf_config=["vision_config.batch_norm_eps=1e-5"])
+    with pytest.raises(ParityError) as failed:
+        convert(options)
+    rows = failed.value.result.rows
+    first = next(r for r in rows if r["status"] == "diverged")
+    assert first["block"] == "stem", first["hf_module"]
+    assert hint_classes(first["hint"]) == ["epsilon"], first["hint"]

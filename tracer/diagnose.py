@@ -818,19 +818,20 @@ def _fallback(pair, row, ctx: Context) -> str:
             f"(accumulated rel_l2 {_fmt(row.get('rel_l2', float('nan')))}): the error enters before it{where}")
 
 
-def _targets(ctx: Context) -> list[dict]:
-    """Rows to explain: every locally diverged row, and each off tower's first row over tolerance."""
-    targets = []
+def target_rows(rows: list[dict], tower_off: Callable[[str], bool]) -> tuple[list[dict], set[int]]:
+    """Rows to explain: every locally diverged row, and each off tower's first row over tolerance (where its error
+    enters); returns them and the id()s of the latter."""
     first: dict[str, dict] = {}
-    for row in ctx.rows:
+    for row in rows:
         if row["tower"] not in first and row["status"] != "ok" and row.get("rel_l2", 0) > ACCUMULATED_REL_L2:
             first[row["tower"]] = row
-    for tower, row in first.items():
-        if ctx.tower_off(tower):
-            ctx.entry_rows.add(id(row))
-    for row in ctx.rows:
-        if row["status"] == "diverged" or id(row) in ctx.entry_rows:
-            targets.append(row)
+    entry = {id(row) for tower, row in first.items() if tower_off(tower)}
+    return [r for r in rows if r["status"] == "diverged" or id(r) in entry], entry
+
+
+def _targets(ctx: Context) -> list[dict]:
+    targets, entry = target_rows(ctx.rows, ctx.tower_off)
+    ctx.entry_rows.update(entry)
     return targets
 
 

@@ -55,12 +55,16 @@ def _restrict(table: WeightMap | None, names: set[str]) -> WeightMap | None:
                      table.stray)
 
 
-def _needed(rows: list[dict], pairs: list[Pair], window: int = 30) -> dict[str, set[int]]:
-    """Record orders whose arrays the diagnosis needs: around each diverged layer (its block's members before it,
-    the pads after it) and the tower's first layers (the preprocessing check)."""
+def _needed(rows: list[dict], pairs: list[Pair], off: bool, window: int = 30) -> dict[str, set[int]]:
+    """Record orders whose arrays the diagnosis needs: around each row it explains (its block's members before it,
+    the pads after it) and the tower's first layers (the preprocessing check). `off`: the tower's embeddings miss
+    the tolerance."""
+    from .diagnose import target_rows
+
     needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
     by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
-    for row in [r for r in rows if r["status"] != "ok"][:10]:
+    targets, _ = target_rows(rows, lambda tower: off or any(r["status"] == "diverged" for r in rows))
+    for row in targets[:10]:
         pair = by_path.get((row["keras_layer"], row["hf_module"]))
         for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
             if record is not None:
@@ -172,7 +176,7 @@ def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inpu
     off = not max_abs(embeds["keras"], embeds["hf"]) <= options.atol  # where its error enters is worth a hint
     if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
         with stage(f"capture {tower} for diagnosis", timings):
-            needed = _needed(rows, tower_pairs)
+            needed = _needed(rows, tower_pairs, off)
             keras_records, torch_records, _ = _lockstep(
                 keras, hf_model, inputs.select(slice(1), slice(1)), tower, pairs, paired, keras_probe, torch_probe,
                 [Measured() for _ in paired], keep=lambda side, order: order in needed[side])
