@@ -157,8 +157,9 @@ def save_verified(model, processor, destination: Path, overwrite: bool, timings:
             again = _config_leaves(reloaded.config)
             config_differ = sorted(k for k in again.keys() | config.keys() if config.get(k) != again.get(k))
             if differ or config_differ:
+                config_changes = [(k, config.get(k), again.get(k)) for k in config_differ[:5]]
                 raise ParityError(f"the saved model reloads differently ({len(differ)} tensor(s) differ: "
-                                  f"{differ[:10]}; config {[(k, config.get(k), again.get(k)) for k in config_differ[:5]]}); nothing was written to "
+                                  f"{differ[:10]}; config {config_changes}); nothing was written to "
                                   f"{destination}: this is a bug in saving, please report it")
             checked.update(model=reloaded, tensors=len(got))
 
