@@ -145,6 +145,28 @@ def test_probe_build_then_full_size(functional):
     assert float(np.abs(text - want["text_features"]).max()) <= 1e-6
 
 
+def test_building_call_equals_later_calls(functional):
+    """The first call builds each layer itself (not through `Layer.__call__`): it computes bit for bit what later
+    calls compute, and the hook sees the same calls."""
+    _, values, inputs, _ = functional
+    eager = EagerReference(SPEC, values=values)
+
+    def run() -> list:
+        calls = []
+        features = eager.image_features(inputs["pixel_values"],
+                                        hook=lambda layer, path, args, kwargs, out: calls.append((path, out.numpy())))
+        return [*calls, ("features", features)]
+
+    building, later = run(), run()
+    assert [p for p, _ in building] == [p for p, _ in later]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(building, later))
+    layers = eager._vision.layers
+    assert all(layer.built for layer in layers)
+    conv = next(layer for layer in layers if layer.name == "stem_conv")
+    assert [v.name for v in conv.weights] == ["stem_conv/kernel:0"]
+    assert tuple(conv._build_input_shape) == (3, 290, 290, 3)  # stored by the build, as `Layer.__call__` stores it
+
+
 def test_release_drops_one_tower(functional):
     _, values, inputs, want = functional
     eager = EagerReference(SPEC, values=values)

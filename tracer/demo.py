@@ -20,8 +20,6 @@ import time
 import zlib
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 
 from .errors import BadInputError

@@ -10,9 +10,6 @@ hold, and `derive_spec` refuses checkpoints with an image projection.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from typing import Callable, Iterable, Mapping, Union
 

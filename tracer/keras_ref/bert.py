@@ -26,9 +26,6 @@ variables, so neither variable names nor checkpoint keys change.
 from __future__ import annotations
 
 import math
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow as tf
 import tf_keras

@@ -9,9 +9,6 @@ built with an unknown spatial input size, so the stride-2 zero paddings are the 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tf_keras
 from tf_keras import layers
