@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter hides our progress
 
 logger = logging.getLogger("tracer")
 
@@ -89,6 +87,24 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _start_keras(args: argparse.Namespace):
+    """With --trace, the Keras reference's own process, started before torch is imported here: TensorFlow's
+    import and the Keras build then overlap this process's work. None when TensorFlow is already imported here
+    (nothing to overlap: the reference runs in this process)."""
+    if not args.trace or "tensorflow" in sys.modules:
+        return None
+    from tracer.inputs import IMAGE_SIZE, SEQ_LENGTH
+    from tracer.keras_side import KerasProcess
+
+    return KerasProcess(args.checkpoint_path, IMAGE_SIZE, SEQ_LENGTH)
+
+
+def _convert(options, keras):
+    from tracer.pipeline import convert
+
+    return convert(options, keras=keras)
+
+
 def _run(args: argparse.Namespace) -> int:
     from tracer.errors import BadInputError, TracerError
 
@@ -106,24 +122,29 @@ def _run(args: argparse.Namespace) -> int:
             args.checkpoint_path = args.checkpoint_path or "./weights/model-weights"
             resolve_path(args.checkpoint_path)
 
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        if logging.getLogger().getEffectiveLevel() > logging.INFO:
-            hf_logging.disable_progress_bar()
-        from tracer.pipeline import ConvertOptions, convert
-
-        options = ConvertOptions(**{k: v for k, v in vars(args).items()
-                                    if k in ConvertOptions.__dataclass_fields__})
         if args.demo:
             from tracer.demo import ensure_demo_checkpoint
 
             bundle = ensure_demo_checkpoint(args.demo, args.demo_dir)
-            options.checkpoint_path = str(bundle / "model-weights")
-            if not (options.images or options.texts or options.inputs_file):
+            args.checkpoint_path = str(bundle / "model-weights")
+            if not (args.images or args.texts or args.inputs_file):
                 # The demo's own inputs, with the reference model's outputs on them to compare against.
-                options.inputs_file = str(bundle / "reference.npz")
-        result = convert(options)
+                args.inputs_file = str(bundle / "reference.npz")
+        keras = _start_keras(args)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            if logging.getLogger().getEffectiveLevel() > logging.INFO:
+                hf_logging.disable_progress_bar()
+            from tracer.pipeline import ConvertOptions
+
+            options = ConvertOptions(**{k: v for k, v in vars(args).items()
+                                        if k in ConvertOptions.__dataclass_fields__})
+            result = _convert(options, keras)
+        finally:
+            if keras is not None:
+                keras.close()
     except TracerError as exc:
         if getattr(exc, "result", None) is not None and exc.result.rows:
             from tracer.report import format_summary

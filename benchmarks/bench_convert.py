@@ -104,16 +104,14 @@ def run_tracer(checkpoint: str, inputs_file: str, out_dir: str, trace: bool) -> 
     if trace:
         args += ["--trace", "--report_dir", str(Path(out_dir).parent / "report")]
     start = time.perf_counter()
-    from tracer import pipeline
-
     captured = {}
-    original = pipeline.convert
+    original = convert._convert  # not tracer.pipeline.convert: importing it here would import torch too early
 
-    def spy(options):
-        captured["result"] = original(options)
+    def spy(options, keras):
+        captured["result"] = original(options, keras)
         return captured["result"]
 
-    pipeline.convert = spy
+    convert._convert = spy
     code = convert.main(args)
     if code:
         raise SystemExit(f"convert.py exited {code}")
@@ -127,6 +125,8 @@ def child(mode: str, checkpoint: str, inputs_file: str) -> None:
     """Run one mode in this process and print its measurements as JSON."""
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if mode == "baseline":  # TensorFlow imported as the original converter did: Keras 3 loads with it
+        os.environ.pop("TF_USE_LEGACY_KERAS", None)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
         out = str(Path(tmp) / "model")
@@ -135,9 +135,14 @@ def child(mode: str, checkpoint: str, inputs_file: str) -> None:
         else:
             measured = run_tracer(checkpoint, inputs_file, out, trace=(mode == "trace"))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    measured.update(tensorflow_imported="tensorflow" in sys.modules)
+    # A traced run's Keras worker process (joined by now): its peak is added to ours, an upper bound of the
+    # pair's peak (they need not peak at once; the shared ring counts in both). Its CPU time counts too.
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN)
+    measured.update(tensorflow_imported="tensorflow" in sys.modules, own_peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+                    worker_peak_rss_mb=round(worker.ru_maxrss / 1024, 1))
     measured.update(mode=mode, wall_s=round(time.perf_counter() - wall0, 2),
-                    cpu_s=round(time.process_time() - cpu0, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+                    cpu_s=round(time.process_time() - cpu0 + worker.ru_utime + worker.ru_stime, 2),
+                    peak_rss_mb=round((usage.ru_maxrss + worker.ru_maxrss) / 1024, 1))
     print("RESULT " + json.dumps(measured))
 
 

@@ -234,7 +234,7 @@ def test_unexpected_failures_keep_their_own_exit_codes(raised, code, message, cl
                                                         caplog):
     """Exit 1 means a parity failure: nothing else may end with it (Python's default for an uncaught exception)."""
 
-    def fail(options):
+    def fail(options, keras=None):
         raise raised
 
     monkeypatch.setattr("tracer.pipeline.convert", fail)

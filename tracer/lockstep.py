@@ -23,6 +23,9 @@ class _Aborted(Exception):
 
 def drop_arrays(record: Record) -> None:
     record.output, record.input, record.inputs, record.input_kwargs = None, None, (), {}
+    release, record.release = record.release, None
+    if release is not None:
+        release()
 
 
 class Lockstep:

@@ -178,7 +178,9 @@ def _mode(options: ConvertOptions) -> str:
     return mode
 
 
-def convert(options: ConvertOptions) -> ConversionResult:
+def convert(options: ConvertOptions, keras=None) -> ConversionResult:
+    """`keras`: with `--trace`, where the Keras reference runs (a `keras_side.KerasProcess` the caller started
+    before importing torch); by default in this process."""
     timings: dict[str, float] = {}
     mode = _mode(options)
     preflight(options)  # output folders and files, before any heavy work
@@ -218,7 +220,7 @@ def convert(options: ConvertOptions) -> ConversionResult:
 
     traced = None
     if options.trace:
-        traced = trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings)
+        traced = trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings, keras=keras)
         weight_map, coverage, reference, hf_out = traced.weight_map, traced.coverage, traced.keras_out, traced.hf_out
         against = "keras"
         if options.mapping_out:

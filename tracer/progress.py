@@ -28,3 +28,8 @@ def stage(name: str, timings: dict[str, float] | None = None):
     if timings is not None:
         timings[name] = timings.get(name, 0.0) + elapsed
     logger.info("%s: %.2f s", name, elapsed)
+    if logger.isEnabledFor(logging.DEBUG):
+        import resource  # ru_maxrss is in KiB on Linux
+
+        logger.debug("%s: peak RSS of this process so far %.0f MB", name,
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

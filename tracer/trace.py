@@ -73,21 +73,22 @@ def _needed(rows: list[dict], pairs: list[Pair], off: bool, window: int = 30) ->
 
 
 def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings,
-          keep_activations: bool = False) -> Traced:
+          keep_activations: bool = False, keras=None) -> Traced:
     """Tower by tower (`_trace_tower`), then what belongs to no tower (the temperature): record both models, pair
     their layers, infer and confirm the mapping, copy the weights, compare. `keep_activations` keeps every array
     and the Keras layers (tests, debugging); otherwise activation memory stays within
-    `options.activation_budget_mb` and one Keras tower is alive at a time."""
+    `options.activation_budget_mb` and one Keras tower is alive at a time. `keras`: where the Keras reference
+    runs (a `keras_side.KerasProcess` the caller started early); by default in this process."""
     from .infer import infer_mapping, reconcile
-    from .keras_ref.eager import EagerReference
+    from .keras_side import LocalKeras
 
-    keras = EagerReference(spec, values=checkpoint.read)
+    keras = keras or LocalKeras(spec, checkpoint.read)
     writer = hf_side.StateWriter(hf_model)
     chosen, conflicts, unmapped, pairs, rows = [], [], [], [], []
     features: dict[str, dict] = {"keras": {}, "hf": {}}
     for tower in TOWERS:
-        t = _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
-                         keep_activations)
+        t = _trace_tower(tower, keras, checkpoint.read, writer, shapes, spec, table, mode, hf_model, inputs,
+                         options, timings, keep_activations)
         chosen += t.weight_map.entries
         conflicts += t.conflicts
         unmapped += t.unmapped
@@ -99,7 +100,7 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
         features["hf"].update(t.hf_out)
         if not keep_activations:
             keras.release(tower)
-            trim()
+            trim()  # what the comparisons left in this process's heap
     with stage("copy weights", timings):  # what belongs to no tower: the temperature
         used = {e.variable for e in chosen}
         rest = {n: s for n, s in shapes.items() if n not in used}
@@ -117,25 +118,35 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
                   pairs, rows)
 
 
-def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
+def _probe_hf(hf_model, writer, tower, spec) -> list[Record]:
+    """The HF tower's call order on the probe input, its modules zeroed until the weights arrive."""
+    from .keras_side import probe_inputs
+    from .record.torch import record_torch
+
+    for module in hf_side.tower_modules(hf_model, tower):
+        hf_side.materialize_uninitialized(module)
+    writer.refresh()
+    return record_torch(hf_model, probe_inputs(spec.text.seq_length), keep_outputs=False, towers=(tower,))[0]
+
+
+def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
                  keep_activations) -> Traced:
     """One tower: build the Keras tower on a probe input (weights straight from the checkpoint), record both
     towers' call order on it, pair the layers, infer and confirm the mapping, copy the weights, then run both
     towers on the real inputs side by side, comparing each pair as soon as both outputs exist (`lockstep`), in
     chunks of examples that keep activation memory within the budget. Returns the tower's part of a `Traced`."""
     from .infer import infer_mapping, reconcile
-    from .record.keras import record_keras
-    from .record.torch import record_torch
 
-    probe = inputs.select(slice(1), slice(1), image_size=PROBE_IMAGE_SIZE if tower == "vision" else None)
+    with stage("probe HF call order", timings):  # first: a Keras worker process may still be building
+        torch_probe = _probe_hf(hf_model, writer, tower, spec)
+    early: list[Entry] = []
+    if keras.weights(tower) is None and table is not None and mode == "auto":
+        with stage("copy weights", timings):  # the table's part while the worker builds; confirmed below
+            early = [e for e in table.entries if tower_of(e.parameter) == tower]
+            transfer(read, [e.variable for e in early], WeightMap(early), writer, allow_nonfinite=True)
     with stage("build Keras and probe call order", timings):
-        keras_probe = record_keras(keras, probe, keep_outputs=False, towers=(tower,))
-        names = set(keras.variables(tower))
-    with stage("probe HF call order", timings):
-        for module in hf_side.tower_modules(hf_model, tower):
-            hf_side.materialize_uninitialized(module)  # zeros until the weights arrive
-        writer.refresh()
-        torch_probe, _ = record_torch(hf_model, probe, keep_outputs=False, towers=(tower,))
+        keras_probe, names = keras.probe(tower)
+        names = set(names)
     with stage("pair and infer", timings):
         pairs = pair_records(keras_probe, torch_probe)
         tower_hf = {n: s for n, s in hf_side.hf_shapes(hf_model).items() if tower_of(n) == tower}
@@ -146,9 +157,12 @@ def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inpu
     if conflicts or unmapped:
         return Traced(weight_map, conflicts, unmapped)
     with stage("copy weights", timings):
-        variables = keras.variables(tower)  # read as views of the variables' buffers (`.numpy()` copies)
-        transfer(lambda n: np.asarray(variables[n].value()), list(names), WeightMap(weight_map.entries), writer,
-                 allow_nonfinite=True)
+        chosen = {(e.variable, e.parameter, e.transform) for e in weight_map.entries}
+        copied = {(e.variable, e.parameter, e.transform) for e in early}
+        if not copied <= chosen:  # auto mode keeps every table entry unless it conflicts, and then we stopped above
+            raise RuntimeError(f"copied from the table but not chosen: {sorted(copied - chosen)[:5]}")
+        rest = [e for e in weight_map.entries if (e.variable, e.parameter, e.transform) not in copied]
+        transfer(keras.weights(tower) or read, list(names), WeightMap(rest), writer, allow_nonfinite=True)
 
     paired = [p for p in pairs if p.paired]
     total = inputs.num_images if tower == "vision" else inputs.num_texts
@@ -157,12 +171,14 @@ def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inpu
     measured = [Measured() for _ in paired]
     outputs: dict[str, list] = {"keras": [], "hf": []}
     name = FEATURES[tower]
+    following = None if keep_activations or tower == TOWERS[-1] else TOWERS[TOWERS.index(tower) + 1]
     with stage(f"trace and compare {tower}", timings):
         for start in progress(range(0, total, step), desc=f"trace {tower}", unit="chunk"):
             part = slice(start, start + step)
             chunk = inputs.select(part, slice(None)) if tower == "vision" else inputs.select(slice(None), part)
+            then = following if start + step >= total else None  # the Keras side may build the next tower
             keras_records, torch_records, out = _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe,
-                                                          torch_probe, measured, keep_activations)
+                                                          torch_probe, measured, keep_activations, then=then)
             outputs["keras"].append(out["keras"])
             outputs["hf"].append(out["hf"])
     for record in keras_records + torch_records:  # the last chunk's records stand for the whole run
@@ -188,10 +204,10 @@ def _trace_tower(tower, keras, writer, shapes, spec, table, mode, hf_model, inpu
     return Traced(weight_map, [], [], None, {name: features["keras"]}, {name: features["hf"]}, tower_pairs, rows)
 
 
-def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_probe, measured, keep=False):
+def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_probe, measured, keep=False,
+              then=None):
     """One chunk of one tower through both models side by side; adds each pair's metrics to `measured`."""
     from .lockstep import Lockstep
-    from .record.keras import record_keras
     from .record.torch import record_torch
 
     k_order = {id(r): i for i, r in enumerate(keras_probe)}
@@ -212,8 +228,12 @@ def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_p
         last_keras["output"] = record.output  # the tower's last record is its output: keep it past the comparison
         keras_sink(record)
 
+    # The Keras orders whose arrays are needed: paired ones, kept ones, and the tower's output (the last record).
+    keep_keras = (lambda order: keep("keras", order)) if callable(keep) else (lambda order: bool(keep))
+    wanted = {k for k, _ in index} | {o for o in range(len(keras_probe)) if keep_keras(o)} | {len(keras_probe) - 1}
+
     def run_keras():
-        return record_keras(keras, chunk, sink=keras_side, towers=(tower,))
+        return keras.run(tower, chunk, keras_side, wanted, keep_keras, then)
 
     def run_torch():
         return record_torch(hf_model, chunk, sink=step.sink("torch"), towers=(tower,))

@@ -72,6 +72,8 @@ class Record:
     # Settings that change what the layer computes (epsilon, padding, strides, activation, rescale scale/offset),
     # from the Keras layer's `get_config()` or the torch module's attributes; see `CONFIG_KEYS`.
     config: dict = field(default_factory=dict, repr=False, compare=False)
+    # Frees the memory the arrays live in when that is not this record's own (the Keras worker's shared ring).
+    release: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_container(self) -> bool:
