@@ -108,6 +108,7 @@ def run_tracer(checkpoint: str, inputs_file: str, out_dir: str, trace: bool) -> 
     original = convert._convert  # not tracer.pipeline.convert: importing it here would import torch too early
 
     def spy(options, keras):
+        captured["keras"] = keras
         captured["result"] = original(options, keras)
         return captured["result"]
 
@@ -115,8 +116,9 @@ def run_tracer(checkpoint: str, inputs_file: str, out_dir: str, trace: bool) -> 
     code = convert.main(args)
     if code:
         raise SystemExit(f"convert.py exited {code}")
-    result = captured["result"]
-    return {"timings": {"imports+cli": round(time.perf_counter() - start - sum(result.timings.values()), 3),
+    result, keras = captured["result"], captured["keras"]
+    return {"worker_peak_rss_mb": round(keras.peak_rss_mb, 1) if keras is not None else 0.0,
+            "timings": {"imports+cli": round(time.perf_counter() - start - sum(result.timings.values()), 3),
                         **{k: round(v, 3) for k, v in result.timings.items()}},
             "image_embeds_max_abs": result.parity.image_embeds_max_abs, "parity_against": result.parity.against}
 
@@ -135,14 +137,16 @@ def child(mode: str, checkpoint: str, inputs_file: str) -> None:
         else:
             measured = run_tracer(checkpoint, inputs_file, out, trace=(mode == "trace"))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    # A traced run's Keras worker process (joined by now): its peak is added to ours, an upper bound of the
-    # pair's peak (they need not peak at once; the shared ring counts in both). Its CPU time counts too.
-    worker = resource.getrusage(resource.RUSAGE_CHILDREN)
-    measured.update(tensorflow_imported="tensorflow" in sys.modules, own_peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-                    worker_peak_rss_mb=round(worker.ru_maxrss / 1024, 1))
+    # A traced run's Keras worker process, joined by now (its CPU time is among the children's): its peak, as it
+    # reported it, is added to ours: an upper bound of the pair's peak (they need not peak at once; the shared
+    # ring counts in both). Not RUSAGE_CHILDREN's maxrss: a child started by fork/vfork and exec (libraries run
+    # helpers like `ldconfig`) inherits its parent's peak at that moment.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    measured.setdefault("worker_peak_rss_mb", 0.0)
+    measured.update(tensorflow_imported="tensorflow" in sys.modules, own_peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
     measured.update(mode=mode, wall_s=round(time.perf_counter() - wall0, 2),
-                    cpu_s=round(time.process_time() - cpu0 + worker.ru_utime + worker.ru_stime, 2),
-                    peak_rss_mb=round((usage.ru_maxrss + worker.ru_maxrss) / 1024, 1))
+                    cpu_s=round(time.process_time() - cpu0 + children.ru_utime + children.ru_stime, 2),
+                    peak_rss_mb=round(usage.ru_maxrss / 1024 + measured["worker_peak_rss_mb"], 1))
     print("RESULT " + json.dumps(measured))
 
 

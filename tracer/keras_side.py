@@ -101,6 +101,7 @@ class KerasProcess:
         self._probes: dict[str, list[Record]] = {}
         self._ring: _Ring | None = None
         self._broken = False
+        self.peak_rss_mb: float | None = None  # the worker's, as it reports it when stopped
 
     # ---------------------------------------------------------------------------------------- messages
 
@@ -181,7 +182,13 @@ class KerasProcess:
         if self._process.is_alive():
             try:
                 self._send(("stop", None))
-            except OSError:
+                while self._conn.poll(5):  # what is still in the pipe, then its peak memory
+                    kind, payload = self._conn.recv()
+                    if kind == "stopped":
+                        self.peak_rss_mb = payload / 1024  # ru_maxrss: KiB on Linux
+                        logger.debug("the Keras worker's peak RSS: %.0f MB", self.peak_rss_mb)
+                        break
+            except (OSError, EOFError):
                 pass
             self._process.join(timeout=5)
             if self._process.is_alive():
@@ -419,6 +426,9 @@ def _serve(conn, checkpoint_path: str, image_size: int, seq_length: int) -> None
         except (EOFError, OSError):
             return  # the parent is gone
         if kind == "stop":
+            import resource
+
+            conn.send(("stopped", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
             return
         try:
             if early is not None:
