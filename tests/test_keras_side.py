@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer.errors import BadInputError
+from tracer.errors import BadInputError, ConversionError
 from tracer.inputs import IMAGE_SIZE, SEQ_LENGTH
 from tracer.keras_side import KerasProcess, _Ring, _RingWriter
 from tracer.lockstep import drop_arrays
@@ -31,17 +31,33 @@ def _rings() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("tracer-ring-*")} if Path("/dev/shm").is_dir() else set()
 
 
+@pytest.fixture
+def ring_pair():
+    """A ring of 16 KiB and its writer over a pipe; both closed (and the file removed) whatever the test does."""
+    made = []
+
+    def make(size: int = 1 << 14):
+        parent, child = multiprocessing.Pipe()
+        ring = _Ring(size, parent.send)
+        writer = _RingWriter(ring.name, ring.size, child)
+        made.append((ring, writer))
+        return ring, writer
+
+    yield make
+    for ring, writer in made:
+        ring.close()
+        writer.close()
+
+
 def _record(order: int) -> Record:
     return Record("keras", "vision", order, f"layer_{order}", "Conv2D", "conv", (1,), "float32")
 
 
-def test_the_ring_hands_over_every_array_intact_while_it_wraps_and_waits():
+def test_the_ring_hands_over_every_array_intact_while_it_wraps_and_waits(ring_pair):
     """A writer thread fills a small ring with arrays of random sizes faster than they are freed, and they are
     freed in a shuffled order: each array arrives intact (no span is reused before it is free), the writer waits
     when the ring is full, and the ring wraps many times."""
-    parent, child = multiprocessing.Pipe()
-    ring = _Ring(1 << 14, parent.send)
-    writer = _RingWriter(ring.name, ring.size, child)
+    ring, writer = ring_pair()
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(1, 300, 400)]
     arrays[200] = np.arange(2000 - 16, dtype=np.float32)  # with its copy, nearly the whole ring: waits for all
@@ -85,18 +101,13 @@ def test_the_ring_hands_over_every_array_intact_while_it_wraps_and_waits():
     assert waits >= 1  # the big array had to wait for room
     assert writer.head > 20 * ring.size  # wrapped many times
     ring.close()
-    writer.close()
     assert not os.path.exists(ring.name)
 
 
-def test_an_array_larger_than_the_ring_is_refused_with_the_sizes():
-    parent, child = multiprocessing.Pipe()
-    ring = _Ring(1 << 20, parent.send)
-    writer = _RingWriter(ring.name, ring.size, child)
-    with pytest.raises(Exception, match=r"do not fit the worker's ring of 1 MB"):
+def test_an_array_larger_than_the_ring_is_refused_with_the_sizes(ring_pair):
+    _, writer = ring_pair(1 << 20)
+    with pytest.raises(ConversionError, match=r"do not fit the worker's ring of 1 MB"):
         writer.write([np.zeros(1 << 19, np.float32)])
-    ring.close()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
