@@ -188,7 +188,7 @@ class Capture:
 
         def counted_lockstep(keras, hf_model, chunk, tower, *args, **kwargs):
             if kwargs.get("keep") is None:  # the diagnosis' capture pass passes `keep`; the chunks do not
-                self.chunks.append((tower, chunk.num_images if tower == "vision" else chunk.num_texts))
+                self.chunks.append((tower, chunk.count(tower)))
             return lockstep(keras, hf_model, chunk, tower, *args, **kwargs)
 
         def kept_trace(*args, **kwargs):

@@ -201,6 +201,10 @@ class Inputs:
     def num_texts(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def count(self, tower: str) -> int:
+        """The examples `tower` runs on: the images for vision, the texts for text."""
+        return self.num_images if tower == "vision" else self.num_texts
+
     @property
     def image_size(self) -> int:
         return int(self.pixel_values_nhwc.shape[1])

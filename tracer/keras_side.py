@@ -27,7 +27,7 @@ import numpy as np
 
 from . import errors
 from .inputs import Inputs
-from .record import PROBE_IMAGE_SIZE, Record
+from .record import PROBE_IMAGE_SIZE, Record, largest_output
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +75,7 @@ class LocalKeras:
         return record_keras(self.reference, chunk, sink=sink, towers=(tower,))
 
     def release(self, tower: str) -> None:
-        from .memory import trim
-
-        self.reference.release(tower)
-        trim()
+        self.reference.release(tower)  # the caller trims its process's heap
 
     def close(self) -> None:
         pass
@@ -121,9 +118,12 @@ class KerasProcess:
             raise _rebuild(*payload)
         return kind, payload
 
-    def _request(self, message, reply: str):
+    def _check_usable(self) -> None:
         if self._broken:
             raise RuntimeError("the Keras worker process is not usable after an earlier failure")
+
+    def _request(self, message, reply: str):
+        self._check_usable()
         self._send(message)
         kind, payload = self._receive()
         if kind != reply:
@@ -148,8 +148,7 @@ class KerasProcess:
         copies of their own. `then`: this is the tower's last run; once its forward is done the worker drops the
         tower and builds and probes `then`, while this process still compares (a later run of the dropped tower
         builds it again)."""
-        if self._broken:
-            raise RuntimeError("the Keras worker process is not usable after an earlier failure")
+        self._check_usable()
         ring = self._ring_for(tower, chunk)
         self._send(("run", (tower, chunk, sorted(set(wanted)), ring.name, ring.size, then)))
         records: list[Record] = []
@@ -201,11 +200,8 @@ class KerasProcess:
 
     def _ring_for(self, tower: str, chunk: Inputs) -> "_Ring":
         """A ring for RING_RECORDS of the run's largest activation (its size from the probe's shapes)."""
-        records = self._probes[tower]
-        largest = max((int(np.prod(r.shape[1:])) for r in records if r.shape), default=1)
-        scale = (chunk.image_size / PROBE_IMAGE_SIZE) ** 2 if tower == "vision" else 1.0
-        count = chunk.num_images if tower == "vision" else chunk.num_texts
-        size = max(RING_RECORDS * int(largest * scale * count * 4), 1 << 20)
+        largest = largest_output(self._probes[tower], tower, chunk.image_size)
+        size = max(RING_RECORDS * int(largest * chunk.count(tower) * 4), 1 << 20)
         if self._ring is None or not size <= self._ring.size <= 2 * size:
             if self._ring is not None:
                 self._ring.close()
@@ -376,7 +372,10 @@ class _Worker:
             self.ring.close()
             self.ring = None
         if self.probes.pop(tower, None) is not None:  # built: drop it (collecting the heap takes a while)
+            from .memory import trim
+
             self.local.release(tower)
+            trim()
 
     def run(self, tower: str, chunk: Inputs, wanted: list[int], name: str, size: int, then: str | None) -> None:
         from .lockstep import drop_arrays

@@ -21,7 +21,7 @@ from .mapping import Entry, WeightMap
 from .memory import trim
 from .pairing import Pair, pair_records
 from .progress import progress, stage
-from .record import FEATURES, PROBE_IMAGE_SIZE, TOWERS, Record
+from .record import FEATURES, TOWERS, Record, largest_output
 from .record.torch import tower_of
 from .transfer import Coverage, coverage_of, transfer
 
@@ -41,10 +41,9 @@ class Traced:
 WORKING_SET = 8  # arrays of a layer's size alive at once while a pair is compared (both sides, inputs, re-run, diff)
 
 
-def chunk_size(records: list[Record], scale: float, budget_mb: float) -> int:
-    """Examples per chunk so that comparing the tower's largest layer stays within `budget_mb`; `scale`: how much
-    larger one example's activations are in the run than in the probe."""
-    largest = max((int(np.prod(r.shape[1:])) for r in records if r.shape), default=1) * scale
+def chunk_size(largest: float, budget_mb: float) -> int:
+    """Examples per chunk so that comparing the tower's largest layer (`largest` elements per example, see
+    `record.largest_output`) stays within `budget_mb`."""
     return max(1, int(budget_mb * 2**20 // (largest * 4 * WORKING_SET)))
 
 
@@ -165,9 +164,9 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
         transfer(keras.weights(tower) or read, list(names), WeightMap(rest), writer, allow_nonfinite=True)
 
     paired = [p for p in pairs if p.paired]
-    total = inputs.num_images if tower == "vision" else inputs.num_texts
-    scale = (inputs.image_size / PROBE_IMAGE_SIZE) ** 2 if tower == "vision" else 1.0
-    step = total if keep_activations else chunk_size(keras_probe + torch_probe, scale, options.activation_budget_mb)
+    total = inputs.count(tower)
+    largest = largest_output(keras_probe + torch_probe, tower, inputs.image_size)
+    step = total if keep_activations else chunk_size(largest, options.activation_budget_mb)
     measured = [Measured() for _ in paired]
     outputs: dict[str, list] = {"keras": [], "hf": []}
     name = FEATURES[tower]

@@ -84,6 +84,13 @@ class Record:
         return self.framework == "torch" and len(self.shape) == 4
 
 
+def largest_output(records: list[Record], tower: str, image_size: int) -> float:
+    """Elements per example of the largest output among a probe run's `records`, in a run on `image_size` pixel
+    images: a vision activation grows with the image's area, a text one does not."""
+    largest = max((int(np.prod(r.shape[1:])) for r in records if r.shape), default=1)
+    return largest * ((image_size / PROBE_IMAGE_SIZE) ** 2 if tower == "vision" else 1.0)
+
+
 def nhwc_shape(record: Record) -> tuple[int, ...]:
     """The record's output shape in Keras (channels-last) layout."""
     s = record.shape
