@@ -51,12 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf_config", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override the derived AlignConfig, to test a hypothesis (repeatable), "
                         "e.g. vision_config.batch_norm_eps=1e-5")
-    p.add_argument("--activation_budget_mb", type=float, default=512,
+    # Flags left out take ConvertOptions' defaults (tracer.pipeline, not imported this early): one source of them.
+    p.add_argument("--activation_budget_mb", type=float, default=None,
                    help="--trace: memory for activations while the two models are compared layer by layer; the "
                         "examples are run in chunks that keep the largest layer's comparison within it")
-    p.add_argument("--max_shard_size", default="2GB",
+    p.add_argument("--max_shard_size", default=None,
                    help="largest safetensors file of the saved model; bigger models are saved in shards")
-    p.add_argument("--atol", type=float, default=1e-3, help="tolerance on L2-normalised embeddings")
+    p.add_argument("--atol", type=float, default=None, help="tolerance on L2-normalised embeddings")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--allow_nonfinite", action="store_true", help="convert weights that hold NaN or Inf")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
@@ -140,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
             from tracer.pipeline import ConvertOptions
 
             options = ConvertOptions(**{k: v for k, v in vars(args).items()
-                                        if k in ConvertOptions.__dataclass_fields__})
+                                        if k in ConvertOptions.__dataclass_fields__ and v is not None})
             result = _convert(options, keras)
         finally:
             if keras is not None:

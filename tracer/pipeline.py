@@ -101,14 +101,6 @@ def hf_embed(model: torch.nn.Module, inputs: Inputs) -> dict[str, np.ndarray]:
     return with_embeds({k: v.numpy() for k, v in hf_side.tower_features(model, inputs).items()})
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shape, dtype and bytes (NaN included, which `torch.equal` calls unequal to itself)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8),
-                       b.detach().reshape(-1).contiguous().view(torch.uint8))
-
-
 SAVE_CONFIG_IGNORED = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
 
 
