@@ -237,18 +237,10 @@ class Inputs:
             "token_type_ids": self.token_type_ids.astype(dtype),
         }
 
-    def head(self, n: int) -> "Inputs":
-        """The first n images and texts."""
-        return self.select(slice(n), slice(n))
-
-    def select(self, images: slice = slice(None), texts: slice = slice(None), image_size: int | None = None) -> "Inputs":
-        """Some of the images and texts (a chunk of a run); `image_size` crops the images (a cheap probe run, for
-        call order and shapes only)."""
-        pixels = self.pixel_values_nhwc[images]
-        if image_size is not None:
-            pixels = np.ascontiguousarray(pixels[:, :image_size, :image_size])
-        return Inputs(pixels, self.input_ids[texts], self.attention_mask[texts], self.token_type_ids[texts],
-                      self.texts[texts] if self.texts else None, self.source)
+    def select(self, images: slice = slice(None), texts: slice = slice(None)) -> "Inputs":
+        """Some of the images and texts (a chunk of a run)."""
+        return Inputs(self.pixel_values_nhwc[images], self.input_ids[texts], self.attention_mask[texts],
+                      self.token_type_ids[texts], self.texts[texts] if self.texts else None, self.source)
 
     def describe(self) -> str:
         return (f"{self.num_images} image(s) {self.image_size}x{self.image_size}, {self.num_texts} text(s) of "

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None. Looked up once: `find_library` runs a helper program (ldconfig) each call."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)
 
 
 def trim() -> None:
     """Return the heap's free pages (after a model or a tower is dropped)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    malloc_trim = _malloc_trim()
+    if malloc_trim is not None:
+        malloc_trim(0)
