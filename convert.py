@@ -94,7 +94,7 @@ def _start_keras(args: argparse.Namespace):
     (nothing to overlap: the reference runs in this process)."""
     if not args.trace or "tensorflow" in sys.modules:
         return None
-    from tracer.inputs import IMAGE_SIZE, SEQ_LENGTH
+    from tracer.families.align.inputs import IMAGE_SIZE, SEQ_LENGTH
     from tracer.keras_side import KerasProcess
 
     return KerasProcess(args.checkpoint_path, IMAGE_SIZE, SEQ_LENGTH)
@@ -118,13 +118,13 @@ def _run(args: argparse.Namespace) -> int:
 
         preflight(args)
         if not args.demo:
-            from tracer.checkpoint import resolve_path
+            from tracer.io.checkpoint import resolve_path
 
             args.checkpoint_path = args.checkpoint_path or "./weights/model-weights"
             resolve_path(args.checkpoint_path)
 
         if args.demo:
-            from tracer.demo import ensure_demo_checkpoint
+            from tracer.families.align.demo import ensure_demo_checkpoint
 
             bundle = ensure_demo_checkpoint(args.demo, args.demo_dir)
             args.checkpoint_path = str(bundle / "model-weights")
@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
                 keras.close()
     except TracerError as exc:
         if getattr(exc, "result", None) is not None and exc.result.rows:
-            from tracer.report import format_summary
+            from tracer.engine.report import format_summary
 
             print("\n" + format_summary(exc.result))
         logger.error("%s", exc)
@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     if result.pushed_to:
         print(f"pushed to the hub: {result.pushed_to}")
     if result.report:
-        from tracer.report import format_summary
+        from tracer.engine.report import format_summary
 
         print(format_summary(result))
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))

@@ -5,7 +5,7 @@ array: the local error), both against the same reference as `Measured.add` does.
 
     python benchmarks/bench_compare.py [--repeat 7] [--threads 2] [--module path/to/compare.py]
 
-`--module` times another version of compare.py (`git show REV:tracer/compare.py > /tmp/old.py`), for a before/after.
+`--module` times another version of compare.py (`git show REV:tracer/engine/compare.py > /tmp/old.py`), for a before/after.
 Prints the median wall and process CPU time per shape (torch on 2 threads by default, as in a traced run on this
 2-core machine; code that runs torch ops on several threads is at the mercy of other load here).
 """
@@ -55,7 +55,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--module", type=Path, help="a compare.py to time instead of tracer/compare.py")
+    parser.add_argument("--module", type=Path, help="a compare.py to time instead of tracer/engine/compare.py")
     args = parser.parse_args()
 
     import torch
@@ -68,7 +68,7 @@ def main() -> int:
         compare = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(compare)
     else:
-        from tracer import compare
+        from tracer.engine import compare
     Sums = compare.Sums
 
     def both(r, acc, loc):  # what `Measured.add` does with the two candidates

@@ -47,13 +47,13 @@ def run_baseline(checkpoint: str, inputs_file: str, out_dir: str) -> dict:
     import torch
     from transformers import AlignModel
 
-    from tracer.hf import align_config
-    from tracer.inputs import inputs_from_npz
-    from tracer.keras_ref.align import build_reference, embed
-    from tracer.mapping import map_by_rules
-    from tracer.rules import ALIGN_RULES
-    from tracer.spec import derive_spec
-    from tracer.transforms import get_transform
+    from tracer.families.align.hf import align_config
+    from tracer.families.align.inputs import inputs_from_npz
+    from tracer.families.align.keras_ref.align import build_reference, embed
+    from tracer.engine.mapping import map_by_rules
+    from tracer.families.align.rules import ALIGN_RULES
+    from tracer.families.align.spec import derive_spec
+    from tracer.engine.transforms import get_transform
 
     t = _phase(timings, "imports", t)
     shapes = {k: tuple(v) for k, v in _weight_shapes(checkpoint).items()}
@@ -89,7 +89,7 @@ def run_baseline(checkpoint: str, inputs_file: str, out_dir: str) -> dict:
 
 
 def _weight_shapes(checkpoint: str) -> dict:
-    from tracer.checkpoint import open_checkpoint
+    from tracer.io.checkpoint import open_checkpoint
 
     with open_checkpoint(checkpoint) as ckpt:
         return ckpt.shapes()
@@ -180,7 +180,7 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from tracer.demo import ensure_demo_checkpoint
+    from tracer.families.align.demo import ensure_demo_checkpoint
 
     bundle = ensure_demo_checkpoint(args.size, ROOT / "demo" / args.size)
     checkpoint, inputs_file = str(bundle / "model-weights"), str(bundle / "reference.npz")

@@ -24,13 +24,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    from tracer.demo import demo_inputs, demo_spec
-    from tracer.hf import align_config, build_empty, materialize_uninitialized
-    from tracer.inputs import Inputs
-    from tracer.keras_ref.align import build_reference
-    from tracer.pairing import pair_records
-    from tracer.record.keras import record_keras
-    from tracer.record.torch import record_torch
+    from tracer.families.align.demo import demo_inputs, demo_spec
+    from tracer.families.align.hf import align_config, build_empty, materialize_uninitialized
+    from tracer.families.align.inputs import Inputs
+    from tracer.families.align.keras_ref.align import build_reference
+    from tracer.engine.pairing import pair_records
+    from tracer.engine.record.keras import record_keras
+    from tracer.engine.record.torch import record_torch
 
     spec = demo_spec(args.size)
     arrays = demo_inputs(spec, n=1)

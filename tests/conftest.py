@@ -32,7 +32,7 @@ def variable_shapes(json_path: Path, weights_only: bool = True) -> dict[str, tup
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A tiny original-style demo checkpoint (+ reference.npz), written once per test session."""
-    from tracer.demo import write_demo_bundle
+    from tracer.families.align.demo import write_demo_bundle
 
     folder = tmp_path_factory.mktemp("tiny_demo")
     write_demo_bundle(folder, "tiny")

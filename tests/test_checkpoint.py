@@ -1,4 +1,4 @@
-"""Tests for tracer.checkpoint: tiny tf_keras models shaped like ALIGN, saved the ways coyo's training saves them."""
+"""Tests for tracer.io.checkpoint: tiny tf_keras models shaped like ALIGN, saved the ways coyo's training saves them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("tf_keras")
 
-from tracer.checkpoint import (  # noqa: E402
+from tracer.io.checkpoint import (  # noqa: E402
     Checkpoint, Variable, _proto_decode, _proto_fields, _read_bundle_index, _table_entries, open_checkpoint,
 )
 from tracer.errors import BadInputError, ConversionError  # noqa: E402
@@ -447,7 +447,7 @@ def test_weights_never_hold_optimizer_or_metric_state(optimizer, units, channels
 
 
 def assert_reads_like_tensorflow(prefix) -> int:
-    """Every tensor of the checkpoint, the object graph included, read by tracer.checkpoint equals TensorFlow's
+    """Every tensor of the checkpoint, the object graph included, read by tracer.io.checkpoint equals TensorFlow's
     reading: same dtype, shape and bytes; listed dtypes and shapes agree too. Returns the count of tensors."""
     reader = tf.train.load_checkpoint(str(prefix))
     keys = reader.get_variable_to_shape_map()
@@ -520,7 +520,7 @@ def test_reader_matches_tensorflow_on_every_dtype(tmp_path):
 def test_open_and_read_never_import_tensorflow(tiny_bundle):
     code = f"""
 import sys
-from tracer.checkpoint import open_checkpoint
+from tracer.io.checkpoint import open_checkpoint
 with open_checkpoint({str(tiny_bundle / "model-weights")!r}) as ckpt:
     n = sum(ckpt.read(name).size > 0 for name in ckpt.weights)
     n += sum(ckpt.read_variable(var).size > 0 for var in ckpt.set_aside)

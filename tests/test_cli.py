@@ -77,7 +77,7 @@ def rewrite_checkpoint(bundle: Path, prefix: Path, edit) -> Path:
     those names (what the reader goes by), like a training run's `save_weights` would."""
     import tensorflow as tf
 
-    from tracer.checkpoint import open_checkpoint
+    from tracer.io.checkpoint import open_checkpoint
 
     with open_checkpoint(bundle / "model-weights") as ckpt:
         weights = {name: ckpt.read(name) for name in ckpt.weights}
@@ -140,7 +140,7 @@ def test_corrupted_data_file(args, out, tiny_bundle, tmp_path):
     """Sizes intact, bytes flipped inside one tensor: TensorFlow's checksum catches it when that tensor is read."""
     from tensorflow.core.protobuf import tensor_bundle_pb2
 
-    from tracer.checkpoint import _table_entries, open_checkpoint
+    from tracer.io.checkpoint import _table_entries, open_checkpoint
 
     prefix = copy_checkpoint(tiny_bundle, tmp_path / "ckpt")
     entries = {}
@@ -177,7 +177,7 @@ def folder_run(tiny_bundle, tmp_path_factory):
     longer than 64 tokens, and an existing non-empty output folder replaced with --overwrite."""
     from PIL import Image
 
-    from tracer.inputs import default_vocab_file
+    from tracer.families.align.inputs import default_vocab_file
 
     tmp = tmp_path_factory.mktemp("folder_run")
     training = tmp / "training"
@@ -278,8 +278,8 @@ def test_bert_of_another_size_is_derived(out, tmp_path):
     """A 3-layer, 128-wide BERT (2 heads of 64, as coyo builds them) converts; nothing about it is hard-coded."""
     from transformers import AlignConfig
 
-    from tracer.demo import demo_inputs, demo_spec, write_demo_checkpoint
-    from tracer.spec import AlignSpec, TextSpec
+    from tracer.families.align.demo import demo_inputs, demo_spec, write_demo_checkpoint
+    from tracer.families.align.spec import AlignSpec, TextSpec
 
     tiny = demo_spec("tiny")
     spec = AlignSpec(vision=tiny.vision, embed_dim=tiny.embed_dim,
@@ -334,7 +334,7 @@ def test_non_empty_output_folder_is_refused_before_reading(args, out, monkeypatc
     def must_not_run(*a, **k):
         raise AssertionError("the checkpoint was opened before the output folder was checked")
 
-    monkeypatch.setattr("tracer.checkpoint._resolve", must_not_run)
+    monkeypatch.setattr("tracer.io.checkpoint._resolve", must_not_run)
     code, error, _ = run(*args)
     assert code == 2
     assert f"output folder {out} exists and is not empty; pass --overwrite to replace it" in error

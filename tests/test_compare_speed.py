@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracer import compare
-from tracer.compare import Measured, Sums, divergence, to_keras_layout
+from tracer.engine import compare
+from tracer.engine.compare import Measured, Sums, divergence, to_keras_layout
 
 from test_streaming import _reference64  # the float64 truth the streamed sums are held to
 

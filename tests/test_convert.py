@@ -32,7 +32,7 @@ def test_tiny_converts_saves_and_reloads(tiny_bundle, tmp_path):
 
 
 def test_keras_h5_weights_convert(tiny_bundle, tmp_path):
-    from tracer.demo import demo_spec, write_demo_checkpoint
+    from tracer.families.align.demo import demo_spec, write_demo_checkpoint
 
     h5 = write_demo_checkpoint(tmp_path / "weights", demo_spec("tiny"), h5=True)
     result = convert(ConvertOptions(checkpoint_path=h5, inputs_file=str(tiny_bundle / "reference.npz")))

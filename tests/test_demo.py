@@ -12,10 +12,10 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tf_keras")
 
-from tracer.demo import demo_inputs, demo_spec, write_demo_checkpoint  # noqa: E402
+from tracer.families.align.demo import demo_inputs, demo_spec, write_demo_checkpoint  # noqa: E402
 from tracer.errors import BadInputError  # noqa: E402
-from tracer.keras_ref import build_reference, embed, reference_variables  # noqa: E402
-from tracer.spec import derive_spec  # noqa: E402
+from tracer.families.align.keras_ref import build_reference, embed, reference_variables  # noqa: E402
+from tracer.families.align.spec import derive_spec  # noqa: E402
 
 TINY = demo_spec("tiny")
 

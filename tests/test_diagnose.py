@@ -1,4 +1,4 @@
-"""Cause hints (tracer.diagnose): inject one classic TF->PyTorch port fault at a time into the tiny demo, and check
+"""Cause hints (tracer.engine.diagnose): inject one classic TF->PyTorch port fault at a time into the tiny demo, and check
 that the first row whose local error exceeds tolerance lies in the block the fault was put in, and that its hint
 names the fault's class; a correct conversion gets no hint at all.
 
@@ -26,12 +26,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("tf_keras")
 
-from tracer import hf as hf_side  # noqa: E402
-from tracer.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, compare_embeddings, layer_rows  # noqa: E402
-from tracer.diagnose import CHECKERS, CLASSES, RUN_CHECKERS, diagnose, hint_classes  # noqa: E402
-from tracer.mapping import map_by_file, read_mapping, write_mapping  # noqa: E402
-from tracer.pairing import pair_records  # noqa: E402
-from tracer.record.torch import recording  # noqa: E402
+from tracer.families.align import hf as hf_side  # noqa: E402
+from tracer.engine.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, compare_embeddings, layer_rows  # noqa: E402
+from tracer.engine.diagnose import CHECKERS, CLASSES, RUN_CHECKERS, diagnose, hint_classes  # noqa: E402
+from tracer.engine.mapping import map_by_file, read_mapping, write_mapping  # noqa: E402
+from tracer.engine.pairing import pair_records  # noqa: E402
+from tracer.engine.record.torch import recording  # noqa: E402
 
 LAYER1 = "tf_bert_model/bert/encoder/layer_._1/attention/"
 
@@ -42,13 +42,13 @@ LAYER1 = "tf_bert_model/bert/encoder/layer_._1/attention/"
 @pytest.fixture(scope="module")
 def good(tiny_bundle):
     """The tiny demo converted correctly with tracing: the stages of `pipeline.convert` up to `trace`."""
-    from tracer.checkpoint import open_checkpoint
-    from tracer.inputs import build_processor, default_vocab_file
-    from tracer.mapping import map_by_rules
+    from tracer.io.checkpoint import open_checkpoint
+    from tracer.families.align.inputs import build_processor, default_vocab_file
+    from tracer.engine.mapping import map_by_rules
     from tracer.pipeline import ConvertOptions, load_inputs
     from tracer.trace import trace
-    from tracer.rules import ALIGN_RULES
-    from tracer.spec import derive_spec
+    from tracer.families.align.rules import ALIGN_RULES
+    from tracer.families.align.spec import derive_spec
 
     options = ConvertOptions(checkpoint_path=str(tiny_bundle / "model-weights"),
                              inputs_file=str(tiny_bundle / "reference.npz"), trace=True)
@@ -138,7 +138,7 @@ def with_config(good, *overrides: str):
 
 def with_mapping_file(good, tmp_path, edit):
     """A fresh model written through an edited mapping file, as `--mapping_file m.csv --mapping table` does."""
-    from tracer.transfer import transfer
+    from tracer.engine.transfer import transfer
 
     path = write_mapping(good.traced.weight_map.entries, tmp_path / "mapping.csv")
     entries = read_mapping(path)
@@ -183,7 +183,7 @@ def test_one_checker_per_class_in_a_registry():
 
 
 def test_a_one_pixel_shift_is_measured_on_the_overlap():
-    from tracer.diagnose import _shift_fit
+    from tracer.engine.diagnose import _shift_fit
 
     rng = np.random.default_rng(0)
     keras = rng.normal(size=(2, 9, 9, 3)).astype(np.float32)
@@ -317,7 +317,7 @@ def test_pixels_rescaled_by_another_processor(good):
     """The HF side fed pixels as EfficientNetImageProcessor's default rescale makes them (p/255, no offset)
     where coyo's Keras model rescales to [-1, 1] itself. Teacher forcing feeds every HF layer Keras' input, so
     no layer diverges locally: the hint sits on the first row whose accumulated error exceeds tolerance."""
-    from tracer.inputs import rescale_like_processor
+    from tracer.families.align.inputs import rescale_like_processor
 
     pixels = rescale_like_processor(good.inputs.pixel_values_nhwc, 1 / 255, offset=False)
     run = retrace(good, good.model, ("vision",), pixel_values=torch.from_numpy(

@@ -24,7 +24,7 @@ from conftest import variable_shapes
 from test_mapping import KERAS_SHAPES
 from tracer.errors import BadInputError, ConversionError, ParityError, PushError, TracerError
 from tracer.output import clean_leftovers, preflight, write_folder_atomically
-from tracer.spec import derive_spec
+from tracer.families.align.spec import derive_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_preflight_names_the_missing_parent(tmp_path):
 def test_report_is_written_atomically(tmp_path, monkeypatch):
     """report.py writes beside the destination and renames: an interrupted write leaves no report folder and keeps
     an existing one."""
-    from tracer import report
+    from tracer.engine import report
 
     result = SimpleNamespace(rows=[], entries=[])
     dest = tmp_path / "report"
@@ -260,7 +260,7 @@ def _float_arrays(shape):
 def test_transforms_invert_bit_for_bit_on_any_float(data):
     """Extends test_mapping's round trip: arbitrary float32 bit patterns (NaN, ±Inf, -0.0, subnormals) survive the
     layout transforms and their inverses unchanged, and the forward result is contiguous (for torch.from_numpy)."""
-    from tracer.transforms import TRANSFORMS, get_transform
+    from tracer.engine.transforms import TRANSFORMS, get_transform
 
     name = data.draw(st.sampled_from(sorted(TRANSFORMS)))
     shape = tuple(data.draw(KERAS_SHAPES[name]))
@@ -278,7 +278,7 @@ def test_transforms_invert_bit_for_bit_on_any_float(data):
 
 def _unit(kind: str, index: int, c_in: int, c: int, size: int):
     """One layer as both frameworks record it: (Keras records, torch records, the expected (keras, torch) pair)."""
-    from tracer.record import Record
+    from tracer.engine.record import Record
 
     def rec(framework, path, cls, kind_, shape, variables, activation=None):
         return Record(framework, "vision", 0, path, cls, kind_, shape, "float32", variables, activation, kind_)
@@ -325,7 +325,7 @@ def _sequences(units):
 
 
 def _gap(framework: str, kind: str, path: str, shape):
-    from tracer.record import Record
+    from tracer.engine.record import Record
 
     cls = {"dropout": "Dropout", "reshape": "Reshape"}[kind]
     return Record(framework, "vision", 0, path, cls, kind, tuple(shape), "float32", {}, None, kind)
@@ -339,7 +339,7 @@ def _flatten(groups):
 
 
 def _paired(keras, torch) -> set:
-    from tracer.pairing import align
+    from tracer.engine.pairing import align
 
     return {(p.keras.path, p.torch.path) for p in align(keras, torch, "vision") if p.paired}
 
@@ -413,7 +413,7 @@ def test_reader_sets_aside_every_optimizer_and_metric_variable(metrics, saver, o
     import tensorflow as tf
     import tf_keras as keras
 
-    from tracer.checkpoint import open_checkpoint
+    from tracer.io.checkpoint import open_checkpoint
 
     keras.backend.clear_session()
     inp = keras.Input((4,))

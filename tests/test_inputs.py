@@ -1,4 +1,4 @@
-"""tracer.inputs: the processor, the shared image path, npz validation, embedded defaults. Offline and CPU-only."""
+"""tracer.families.align.inputs: the processor, the shared image path, npz validation, embedded defaults. Offline and CPU-only."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tracer import inputs as I
+from tracer.families.align import inputs as I
 from tracer.errors import BadInputError
 
 
@@ -147,9 +147,9 @@ def test_crop_is_the_centre_of_the_resize(processor):
 
 def test_long_text_truncated_with_warning(processor, caplog):
     long_text = "the quick brown fox jumps over the lazy dog " * 12
-    with caplog.at_level(logging.WARNING, logger="tracer.inputs"):
+    with caplog.at_level(logging.WARNING, logger="tracer.families.align.inputs"):
         inp = I.inputs_from_pil_images(I.default_images()[:1], ["short", long_text], processor, "test")
-    warnings = [r for r in caplog.records if r.name == "tracer.inputs" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "tracer.families.align.inputs" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     msg = warnings[0].getMessage()
     assert "truncated to 64 tokens" in msg and "text 1" in msg and "the quick brown fox" in msg
@@ -238,7 +238,7 @@ def test_npz_exact_arrays(tmp_path):
 def test_npz_token_type_ids_default_to_zeros(tmp_path, caplog):
     arrays = _good_arrays()
     del arrays["token_type_ids"]
-    with caplog.at_level(logging.INFO, logger="tracer.inputs"):
+    with caplog.at_level(logging.INFO, logger="tracer.families.align.inputs"):
         inp = I.inputs_from_npz(_save(tmp_path, arrays))
     assert inp.token_type_ids.shape == (3, 64) and not inp.token_type_ids.any()
     assert any("token_type_ids" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
@@ -330,7 +330,7 @@ def test_npz_file_errors(tmp_path):
 def test_npz_unit_range_pixels_warn(tmp_path, caplog):
     arrays = _good_arrays()
     arrays["pixel_values"] = arrays["pixel_values"] / 255.0
-    with caplog.at_level(logging.WARNING, logger="tracer.inputs"):
+    with caplog.at_level(logging.WARNING, logger="tracer.families.align.inputs"):
         I.inputs_from_npz(_save(tmp_path, arrays))
     assert any("[0, 1]" in r.getMessage() for r in caplog.records)
 

@@ -15,10 +15,10 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tf_keras")
 
-from tracer.demo import demo_inputs, demo_spec, realistic_value  # noqa: E402
+from tracer.families.align.demo import demo_inputs, demo_spec, realistic_value  # noqa: E402
 from tracer.errors import ConversionError  # noqa: E402
-from tracer.inputs import Inputs  # noqa: E402
-from tracer.keras_ref import (  # noqa: E402
+from tracer.families.align.inputs import Inputs  # noqa: E402
+from tracer.families.align.keras_ref import (  # noqa: E402
     Container,
     EagerReference,
     assign_weights,
@@ -26,8 +26,8 @@ from tracer.keras_ref import (  # noqa: E402
     embed,
     reference_variables,
 )
-from tracer.keras_ref.eager import PROBE_IMAGE_SIZE  # noqa: E402
-from tracer.record.keras import record_keras  # noqa: E402
+from tracer.families.align.keras_ref.eager import PROBE_IMAGE_SIZE  # noqa: E402
+from tracer.engine.record.keras import record_keras  # noqa: E402
 
 SPEC = demo_spec("tiny")
 OUTPUT_KEYS = ("image_features", "text_features", "image_embeds", "text_embeds")

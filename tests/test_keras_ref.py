@@ -15,16 +15,16 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tf_keras = pytest.importorskip("tf_keras")
 
-from tracer.demo import demo_inputs, demo_spec, realistic_value  # noqa: E402
+from tracer.families.align.demo import demo_inputs, demo_spec, realistic_value  # noqa: E402
 from tracer.errors import BadInputError, ConversionError  # noqa: E402
-from tracer.keras_ref import (  # noqa: E402
+from tracer.families.align.keras_ref import (  # noqa: E402
     assign_weights,
     build_reference,
     embed,
     metric_variables,
     reference_variables,
 )
-from tracer.spec import derive_spec, round_filters  # noqa: E402
+from tracer.families.align.spec import derive_spec, round_filters  # noqa: E402
 
 from conftest import FIXTURES  # noqa: E402
 

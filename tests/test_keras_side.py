@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from tracer.errors import BadInputError, ConversionError
-from tracer.inputs import IMAGE_SIZE, SEQ_LENGTH
+from tracer.families.align.inputs import IMAGE_SIZE, SEQ_LENGTH
 from tracer.keras_side import KerasProcess, _Ring, _RingWriter
-from tracer.lockstep import drop_arrays
+from tracer.engine.lockstep import drop_arrays
 from tracer.pipeline import ConvertOptions, convert
-from tracer.record import Record
+from tracer.engine.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 

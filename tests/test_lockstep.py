@@ -1,4 +1,4 @@
-"""`tracer.lockstep.Lockstep` on fake records: two plain functions stand in for the Keras and torch runs.
+"""`tracer.engine.lockstep.Lockstep` on fake records: two plain functions stand in for the Keras and torch runs.
 
 Each fake side emits its records in order through its sink (optionally sleeping first, to make one side the slower
 one). Every `run()` goes through `_run`, which runs it in a daemon thread and fails the test if it does not end within
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tracer.errors import ConversionError
-from tracer.lockstep import Lockstep
-from tracer.record import Record
+from tracer.engine.lockstep import Lockstep
+from tracer.engine.record import Record
 
 TIMEOUT = 20.0  # seconds: far beyond any of these runs (they take well under one)
 

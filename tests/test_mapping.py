@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 
 from conftest import shared_fixture, variable_shapes
 from tracer.errors import BadInputError, ConversionError
-from tracer.hf import align_config, build_empty, expected_state, write_state
-from tracer.mapping import map_by_file, map_by_rules, read_mapping, write_mapping
-from tracer.rules import ALIGN_RULES
-from tracer.spec import derive_spec
-from tracer.transforms import TRANSFORMS, get_transform
+from tracer.families.align.hf import align_config, build_empty, expected_state, write_state
+from tracer.engine.mapping import map_by_file, map_by_rules, read_mapping, write_mapping
+from tracer.families.align.rules import ALIGN_RULES
+from tracer.families.align.spec import derive_spec
+from tracer.engine.transforms import TRANSFORMS, get_transform
 
 KERAS_SHAPES = {
     "identity": st.lists(st.integers(1, 5), min_size=1, max_size=2),

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tracer.transfer import tensor_checksum
+from tracer.engine.transfer import tensor_checksum
 
-from tracer import compare, report
-from tracer.compare import Parity
-from tracer.mapping import Entry
+from tracer.engine import compare, report
+from tracer.engine.compare import Parity
+from tracer.engine.mapping import Entry
 
 NAN = float("nan")
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from tracer import compare
-from tracer.compare import Sums, divergence, layer_status
+from tracer.engine import compare
+from tracer.engine.compare import Sums, divergence, layer_status
 from tracer.errors import ParityError
 from tracer.pipeline import ConvertOptions, convert
 
@@ -353,7 +353,7 @@ assert 'tensorflow' not in sys.modules and 'tf_keras' not in sys.modules, heavy
 
 def _small_vocab(folder: Path) -> Path:
     """The tiny checkpoint's vocabulary has 1,024 tokens: the first 1,024 of the default uncased vocabulary."""
-    from tracer.inputs import default_vocab_file
+    from tracer.families.align.inputs import default_vocab_file
 
     vocab = folder / "vocab.txt"
     vocab.write_text("".join(Path(default_vocab_file()).read_text().splitlines(keepends=True)[:1024]))
@@ -505,10 +505,10 @@ def test_a_saved_config_that_differs_is_caught(tiny_bundle, tmp_path, monkeypatc
 def test_a_checksum_that_differs_on_reload_is_caught(tiny_bundle, tmp_path, monkeypatch):
     """The check compares checksums taken before saving with those of the reloaded model: one that changes in
     between fails the save."""
-    import tracer.transfer
+    import tracer.engine.transfer
     from transformers import AlignModel
 
-    checksum, load = tracer.transfer.tensor_checksum, AlignModel.from_pretrained
+    checksum, load = tracer.engine.transfer.tensor_checksum, AlignModel.from_pretrained
     reloading = []
 
     def from_pretrained(cls, *args, **kwargs):
@@ -523,7 +523,7 @@ def test_a_checksum_that_differs_on_reload_is_caught(tiny_bundle, tmp_path, monk
         return value
 
     monkeypatch.setattr(AlignModel, "from_pretrained", classmethod(from_pretrained))
-    monkeypatch.setattr(tracer.transfer, "tensor_checksum", drifting)
+    monkeypatch.setattr(tracer.engine.transfer, "tensor_checksum", drifting)
     out = tmp_path / "hf"
     with pytest.raises(ParityError, match=r"reloads differently \(1 tensor\(s\) differ"):
         _save(tiny_bundle, out)
@@ -555,7 +555,7 @@ def test_max_shard_size_writes_shards_and_reloads(tiny_bundle, tmp_path):
 def test_a_streamed_run_keeps_the_arrays_its_diagnosis_needs(tiny_bundle, tmp_path):
     """Without `keep_activations` the traced run keeps no arrays, except those of a one-example capture pass around
     the rows the diagnosis explains: a BatchNorm epsilon fault is still located and named."""
-    from tracer.diagnose import hint_classes
+    from tracer.engine.diagnose import hint_classes
 
     options = ConvertOptions(checkpoint_path=str(tiny_bundle / "model-weights"),
                              inputs_file=str(tiny_bundle / "reference.npz"), trace=True,

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import shared_fixture
 from tracer.errors import ConversionError
-from tracer.mapping import read_mapping, write_mapping
+from tracer.engine.mapping import read_mapping, write_mapping
 from tracer.pipeline import ConvertOptions, convert
 
 
@@ -117,7 +117,7 @@ def test_mapping_file_round_trips(table_run, tiny_bundle, tmp_path):
 def test_exploding_activations_are_no_false_fault(tiny_bundle, tmp_path):
     """Uncalibrated BatchNorm statistics blow activations up block after block: absolute differences grow far
     past any fixed threshold, yet every layer's own error stays at round-off: amplified, never diverged."""
-    from tracer.demo import demo_spec, write_demo_checkpoint
+    from tracer.families.align.demo import demo_spec, write_demo_checkpoint
 
     prefix = write_demo_checkpoint(tmp_path / "model-weights", demo_spec("tiny"), calibrate=False)
     with np.load(tiny_bundle / "reference.npz") as ref:  # the inputs only: its outputs are the calibrated model's

@@ -25,9 +25,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import errors
-from .inputs import Inputs
-from .record import PROBE_IMAGE_SIZE, Record, largest_output
+from tracer import errors
+from tracer.families.align.inputs import Inputs
+from tracer.engine.record import PROBE_IMAGE_SIZE, Record, largest_output
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class LocalKeras:
     imported (nothing would overlap)."""
 
     def __init__(self, spec, read: Callable[[str], np.ndarray]):
-        from .keras_ref.eager import EagerReference
+        from tracer.families.align.keras_ref.eager import EagerReference
 
         self.spec = spec
         self.reference = EagerReference(spec, values=read)
@@ -56,7 +56,7 @@ class LocalKeras:
     def probe(self, tower: str) -> tuple[list[Record], list[str]]:
         """Build `tower` (weights straight from the checkpoint) and record its call order on the probe input;
         returns the records (no arrays) and the names of the tower's variables."""
-        from .record.keras import record_keras
+        from tracer.engine.record.keras import record_keras
 
         records = record_keras(self.reference, probe_inputs(self.spec.text.seq_length), keep_outputs=False,
                                towers=(tower,))
@@ -70,7 +70,7 @@ class LocalKeras:
             keep: Callable[[int], bool] | None = None, then: str | None = None) -> list[Record]:
         """Run `tower` on `chunk`, each record handed to `sink` as it is made (its arrays are views: `wanted`,
         `keep` and `then` only matter across processes)."""
-        from .record.keras import record_keras
+        from tracer.engine.record.keras import record_keras
 
         return record_keras(self.reference, chunk, sink=sink, towers=(tower,))
 
@@ -349,8 +349,8 @@ class _Worker:
     """The worker's state: the checkpoint, the eager reference, the ring."""
 
     def __init__(self, conn, checkpoint_path: str, image_size: int, seq_length: int):
-        from .checkpoint import open_checkpoint
-        from .spec import derive_spec
+        from tracer.io.checkpoint import open_checkpoint
+        from tracer.families.align.spec import derive_spec
 
         self.conn = conn
         self.checkpoint = open_checkpoint(checkpoint_path)
@@ -372,13 +372,13 @@ class _Worker:
             self.ring.close()
             self.ring = None
         if self.probes.pop(tower, None) is not None:  # built: drop it (collecting the heap takes a while)
-            from .memory import trim
+            from tracer.memory import trim
 
             self.local.release(tower)
             trim()
 
     def run(self, tower: str, chunk: Inputs, wanted: list[int], name: str, size: int, then: str | None) -> None:
-        from .lockstep import drop_arrays
+        from tracer.engine.lockstep import drop_arrays
 
         if self.ring is None or self.ring.name != name:
             if self.ring is not None:

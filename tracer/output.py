@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInputError
+from tracer.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 

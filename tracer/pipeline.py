@@ -13,20 +13,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import hf as hf_side
-from .checkpoint import open_checkpoint
-from .compare import DEFAULT_ATOL, Parity, compare_embeddings, max_abs, with_embeds
-from .errors import BadInputError, ConversionError, ParityError, PushError
-from .inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
+from tracer.families.align import hf as hf_side
+from tracer.io.checkpoint import open_checkpoint
+from tracer.engine.compare import DEFAULT_ATOL, Parity, compare_embeddings, max_abs, with_embeds
+from tracer.errors import BadInputError, ConversionError, ParityError, PushError
+from tracer.families.align.inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
-from .mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
-from .memory import trim
-from .output import preflight, write_file_atomically, write_folder_atomically
-from .progress import stage
-from .rules import ALIGN_RULES
-from .spec import AlignSpec, derive_spec
-from .trace import trace
-from .transfer import Coverage, transfer
+from tracer.engine.mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
+from tracer.memory import trim
+from tracer.output import preflight, write_file_atomically, write_folder_atomically
+from tracer.progress import stage
+from tracer.families.align.rules import ALIGN_RULES
+from tracer.families.align.spec import AlignSpec, derive_spec
+from tracer.trace import trace
+from tracer.engine.transfer import Coverage, transfer
 
 logger = logging.getLogger(__name__)
 DEFAULT_ACTIVATION_BUDGET_MB = 512
@@ -127,7 +127,7 @@ def save_verified(model, processor, destination: Path, overwrite: bool, timings:
     tensors checked."""
     from transformers import AlignModel
 
-    from .transfer import tensor_checksum
+    from tracer.engine.transfer import tensor_checksum
 
     with stage("save", timings):
         expected = {k: tensor_checksum(v.detach().numpy()) for k, v in model.state_dict().items()}
@@ -255,11 +255,11 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
     checkpoint.close()
     if options.trace:
         with stage("diagnose", timings):
-            from .diagnose import diagnose
+            from tracer.engine.diagnose import diagnose
 
             result.hints = diagnose(traced.pairs, traced.rows, weight_map.entries, parity)
         with stage("report", timings):
-            from .report import default_run_name, write_report
+            from tracer.engine.report import default_run_name, write_report
 
             where = options.report_dir or Path("reports") / default_run_name(options.checkpoint_path)
             result.report = write_report(result, where, options.checkpoint_path)

@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import hf as hf_side
-from .compare import Measured, layer_rows, max_abs, with_embeds
-from .mapping import Entry, WeightMap
-from .memory import trim
-from .pairing import Pair, pair_records
-from .progress import progress, stage
-from .record import FEATURES, TOWERS, Record, largest_output
-from .record.torch import tower_of
-from .transfer import Coverage, coverage_of, transfer
+from tracer.families.align import hf as hf_side
+from tracer.engine.compare import Measured, layer_rows, max_abs, with_embeds
+from tracer.engine.mapping import Entry, WeightMap
+from tracer.memory import trim
+from tracer.engine.pairing import Pair, pair_records
+from tracer.progress import progress, stage
+from tracer.engine.record import FEATURES, TOWERS, Record, largest_output
+from tracer.engine.record.torch import tower_of
+from tracer.engine.transfer import Coverage, coverage_of, transfer
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _needed(rows: list[dict], pairs: list[Pair], off: bool, window: int = 30) ->
     """Record orders whose arrays the diagnosis needs: around each row it explains (its block's members before it,
     the pads after it) and the tower's first layers (the preprocessing check). `off`: the tower's embeddings miss
     the tolerance."""
-    from .diagnose import target_rows
+    from tracer.engine.diagnose import target_rows
 
     needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
     by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
@@ -78,8 +78,8 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
     and the Keras layers (tests, debugging); otherwise activation memory stays within
     `options.activation_budget_mb` and one Keras tower is alive at a time. `keras`: where the Keras reference
     runs (a `keras_side.KerasProcess` the caller started early); by default in this process."""
-    from .infer import infer_mapping, reconcile
-    from .keras_side import LocalKeras
+    from tracer.engine.infer import infer_mapping, reconcile
+    from tracer.keras_side import LocalKeras
 
     keras = keras or LocalKeras(spec, checkpoint.read)
     writer = hf_side.StateWriter(hf_model)
@@ -119,8 +119,8 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
 
 def _probe_hf(hf_model, writer, tower, spec) -> list[Record]:
     """The HF tower's call order on the probe input, its modules zeroed until the weights arrive."""
-    from .keras_side import probe_inputs
-    from .record.torch import record_torch
+    from tracer.keras_side import probe_inputs
+    from tracer.engine.record.torch import record_torch
 
     for module in hf_side.tower_modules(hf_model, tower):
         hf_side.materialize_uninitialized(module)
@@ -134,7 +134,7 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
     towers' call order on it, pair the layers, infer and confirm the mapping, copy the weights, then run both
     towers on the real inputs side by side, comparing each pair as soon as both outputs exist (`lockstep`), in
     chunks of examples that keep activation memory within the budget. Returns the tower's part of a `Traced`."""
-    from .infer import infer_mapping, reconcile
+    from tracer.engine.infer import infer_mapping, reconcile
 
     with stage("probe HF call order", timings):  # first: a Keras worker process may still be building
         torch_probe = _probe_hf(hf_model, writer, tower, spec)
@@ -206,8 +206,8 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
 def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_probe, measured, keep=False,
               then=None):
     """One chunk of one tower through both models side by side; adds each pair's metrics to `measured`."""
-    from .lockstep import Lockstep
-    from .record.torch import record_torch
+    from tracer.engine.lockstep import Lockstep
+    from tracer.engine.record.torch import record_torch
 
     k_order = {id(r): i for i, r in enumerate(keras_probe)}
     t_order = {id(r): i for i, r in enumerate(torch_probe)}

@@ -275,8 +275,8 @@ def local_output(pair) -> np.ndarray | None:
     module's inputs cannot be built from what the Keras layer received."""
     import torch
 
-    from .record import first_tensor, to_numpy
-    from .record.torch import paused
+    from tracer.engine.record import first_tensor, to_numpy
+    from tracer.engine.record.torch import paused
 
     k, module = pair.keras, getattr(pair.torch, "module", None)
     if k is None or module is None or k.input is None:
@@ -346,7 +346,7 @@ def block_of(tower: str, keras_path: str, torch_path: str, block_names: list[str
 
 def layer_rows(pairs, entries: list, block_names: list[str]) -> list[dict]:
     """One row per paired layer (and per unpaired layer that computes something), in execution order."""
-    from .pairing import gap_cost
+    from tracer.engine.pairing import gap_cost
 
     source_of = {e.variable: e for e in entries}
     # An unpaired layer inside a paired container is covered by that container's row (torch's GELU module,

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .errors import BadInputError, ConversionError
-from .transforms import get_transform
+from tracer.errors import BadInputError, ConversionError
+from tracer.engine.transforms import get_transform
 
 # Translations applied to a rule's named groups before they fill its target template.
 PARAM_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}

@@ -8,9 +8,9 @@ from typing import Callable, Mapping
 import torch
 from transformers import AlignConfig, AlignModel, AlignTextConfig, AlignVisionConfig
 
-from .errors import BadInputError, ConversionError
-from .record import FEATURES, TOWERS
-from .spec import AlignSpec
+from tracer.errors import BadInputError, ConversionError
+from tracer.engine.record import FEATURES, TOWERS
+from tracer.families.align.spec import AlignSpec
 
 logger = logging.getLogger(__name__)
 

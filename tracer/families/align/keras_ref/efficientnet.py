@@ -13,7 +13,7 @@ from __future__ import annotations
 import tf_keras
 from tf_keras import layers
 
-from ..spec import BASE_STAGES, SE_RATIO, STEM_FILTERS, VisionSpec, round_filters, round_repeats
+from tracer.families.align.spec import BASE_STAGES, SE_RATIO, STEM_FILTERS, VisionSpec, round_filters, round_repeats
 
 DROP_CONNECT_RATE = 0.2
 ACTIVATION = "swish"

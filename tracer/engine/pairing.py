@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .record import GAP_KINDS, Record, nhwc_shape
-from .transforms import get_transform
+from tracer.engine.record import GAP_KINDS, Record, nhwc_shape
+from tracer.engine.transforms import get_transform
 
 NEG = -1e9
 MATCH, MATCH_WEIGHTS, MATCH_ROLE, MATCH_ACTIVATION = 4.0, 2.0, 2.0, 0.5

@@ -58,7 +58,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import BadInputError, ConversionError
+from tracer.errors import BadInputError, ConversionError
 
 __all__ = ["Variable", "Checkpoint", "open_checkpoint", "resolve_path", "ROLES", "METRIC_STATE_NAMES"]
 

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import BadInputError
+from tracer.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Each rule is (pattern, target, transform). Patterns are full-match regexes over 
 
 from __future__ import annotations
 
-from ..mapping import Rule
+from tracer.engine.mapping import Rule
 
 V = "vision_model"
 T = "text_model"

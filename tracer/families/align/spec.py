@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
-from .errors import ConversionError
+from tracer.errors import ConversionError
 
 # EfficientNet's base stages (Tan & Le 2019), shared by Keras, coyo and HF: (kernel, repeats, in, out, expand, stride).
 BASE_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (

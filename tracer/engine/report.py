@@ -28,7 +28,7 @@ execution order per tower (vision first, then text).
                      over tolerance) | unpaired (a layer without a partner)
     weights          `variable -> parameter; …` for the weights the Keras layer owns
     mapping_source   where those mappings came from: table | inferred | numeric | file (comma separated)
-    hint             a likely cause, for diverged rows (tracer/diagnose.py); empty otherwise
+    hint             a likely cause, for diverged rows (tracer/engine/diagnose.py); empty otherwise
 
 ``blocks.csv`` (`BLOCK_COLUMNS`): one row per (tower, block), in order of first appearance.
 
@@ -85,7 +85,7 @@ back as a `--mapping_file`.
     diverged_blocks          ["vision/stem", …]: blocks whose status is diverged, in order
     tolerances               compare.TOLERANCES ({"local_rel_l2", "accumulated_rel_l2", "amplified_max_abs", "embeds_max_abs"}, the
                              last being the run's atol) plus "fault_growth"
-    hints                    run-level hints (tracer/diagnose.py)
+    hints                    run-level hints (tracer/engine/diagnose.py)
     reference_max_abs        HF vs reference outputs given with the inputs ({} when none)
     set_aside                optimizer / metric variables ignored in the checkpoint
     timings                  seconds per pipeline stage (up to the report)
@@ -106,7 +106,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import compare
+from tracer.engine import compare
 
 LAYER_COLUMNS = [
     "tower", "order", "block", "keras_layer", "keras_class", "hf_module", "hf_class", "keras_shape", "hf_shape",
@@ -355,7 +355,7 @@ def summary(result, checkpoint_path: str) -> dict:
 # ------------------------------------------------------------------------------------------------ writing
 def write_report(result, destination: str | Path, checkpoint_path: str) -> Path:
     """Write every report file into a hidden folder beside `destination`, renamed into place when complete."""
-    from .output import write_folder_atomically
+    from tracer.output import write_folder_atomically
 
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)

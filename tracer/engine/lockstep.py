@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from .errors import ConversionError
-from .record import Record
+from tracer.errors import ConversionError
+from tracer.engine.record import Record
 
 
 class _Aborted(Exception):

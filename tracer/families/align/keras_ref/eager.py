@@ -33,11 +33,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from ..errors import BadInputError, ConversionError
-from ..record import PROBE_IMAGE_SIZE, TOWERS
-from ..spec import AlignSpec
-from .bert import TFBertModel
-from .efficientnet import efficientnet_features, model_name
+from tracer.errors import BadInputError, ConversionError
+from tracer.engine.record import PROBE_IMAGE_SIZE, TOWERS
+from tracer.families.align.spec import AlignSpec
+from tracer.families.align.keras_ref.bert import TFBertModel
+from tracer.families.align.keras_ref.efficientnet import efficientnet_features, model_name
 
 __all__ = ["Container", "EagerLayers", "EagerReference", "Hook", "PROBE_IMAGE_SIZE", "TOWERS", "VISION_PATH",
            "TEXT_PATH"]
@@ -196,7 +196,7 @@ class EagerReference:
     @classmethod
     def from_model(cls, model) -> "EagerReference":
         """An eager copy of a functional `ALIGN` (`build_reference`), with its current variable values."""
-        from .align import reference_variables
+        from tracer.families.align.keras_ref.align import reference_variables
 
         variables = reference_variables(model)
         return cls(model.spec, values=lambda name: variables[name].numpy())

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from . import Record, first_tensor, kind_of, role_of, to_numpy
+from tracer.engine.record import Record, first_tensor, kind_of, role_of, to_numpy
 
 ACTIVATION_NAMES = {"SiLU": "swish", "Sigmoid": "sigmoid", "Tanh": "tanh", "GELUActivation": "gelu",
                     "GELU": "gelu", "NewGELUActivation": "gelu_new", "ReLU": "relu"}
@@ -104,7 +104,7 @@ def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True,
                  sink: Callable[[Record], None] | None = None, towers=("vision", "text")) -> tuple[list[Record], dict]:
     """One forward per tower, as `AlignModel.forward` computes them: records for the towers, and the towers'
     features (`image_features`, `text_features`, numpy) so no second forward is needed."""
-    from ..hf import tower_features
+    from tracer.families.align.hf import tower_features
 
     with recording(model, keep_outputs, sink) as records:
         features = tower_features(model, inputs, towers)

@@ -5,7 +5,7 @@ the checkpoint carries Adam slots), then gives it realistic weights (determinist
 BatchNorm moving statistics on batch statistics, and saves with `model.save_weights` (TF object-based format, or
 HDF5).
 
-Run `python -m tracer.demo --size tiny --out demo/tiny` to write a checkpoint plus `variables.json` and
+Run `python -m tracer.families.align.demo --size tiny --out demo/tiny` to write a checkpoint plus `variables.json` and
 `reference.npz` (inputs and the reference model's outputs) laid out like the coyo_mini fixture.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
-from .spec import AlignSpec, TextSpec, VisionSpec
+from tracer.errors import BadInputError
+from tracer.families.align.spec import AlignSpec, TextSpec, VisionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def realistic_value(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def _set_realistic_weights(model, seed: int, temperature: float) -> None:
-    from .keras_ref.align import reference_variables
+    from tracer.families.align.keras_ref.align import reference_variables
 
     for name, variable in reference_variables(model).items():
         if variable is model.temperature:
@@ -177,7 +177,7 @@ def _set_realistic_weights(model, seed: int, temperature: float) -> None:
 
 def randomize_batch_norm(model, seed: int) -> None:
     """Uncalibrated moving statistics: small variances, so each BatchNorm amplifies (x2.2-4.5)."""
-    from .keras_ref.align import reference_variables
+    from tracer.families.align.keras_ref.align import reference_variables
 
     for name, variable in reference_variables(model).items():
         rng, shape = _rng_for(seed + 1, name), tuple(variable.shape)
@@ -274,7 +274,7 @@ def write_demo_checkpoint(
     """
     if optimizer not in OPTIMIZERS:
         raise BadInputError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-    from .keras_ref.align import build_reference
+    from tracer.families.align.keras_ref.align import build_reference
 
     times = timings if timings is not None else {}
     clock = time.perf_counter()
@@ -320,7 +320,7 @@ def write_demo_bundle(outdir: str | os.PathLike, size: str, seed: int = 0, optim
                       n_inputs: int = 2) -> dict:
     """`outdir/model-weights*` + `variables.json` + `reference.npz` (inputs, reference outputs, temperature), the
     layout of the coyo_mini fixture. Returns the timings."""
-    from .keras_ref.align import embed, metric_variables, reference_variables
+    from tracer.families.align.keras_ref.align import embed, metric_variables, reference_variables
 
     spec = demo_spec(size)
     outdir = Path(outdir)

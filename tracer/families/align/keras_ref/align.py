@@ -17,10 +17,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from ..errors import BadInputError, ConversionError
-from ..spec import AlignSpec
-from .bert import TFBertModel
-from .efficientnet import build_efficientnet
+from tracer.errors import BadInputError, ConversionError
+from tracer.families.align.spec import AlignSpec
+from tracer.families.align.keras_ref.bert import TFBertModel
+from tracer.families.align.keras_ref.efficientnet import build_efficientnet
 
 ArraySource = Union[Mapping[str, np.ndarray], Callable[[str], np.ndarray]]
 METRIC_NAMES = ("loss", "loss_i2t", "loss_t2i")

@@ -3,7 +3,7 @@
 Importing this package imports TensorFlow; nothing else in `tracer` needs to.
 """
 
-from .align import (
+from tracer.families.align.keras_ref.align import (
     ALIGN,
     assign_weights,
     build_reference,
@@ -14,9 +14,9 @@ from .align import (
     model_weights,
     reference_variables,
 )
-from .bert import TFBertModel
-from .eager import Container, EagerReference
-from .efficientnet import build_efficientnet
+from tracer.families.align.keras_ref.bert import TFBertModel
+from tracer.families.align.keras_ref.eager import Container, EagerReference
+from tracer.families.align.keras_ref.efficientnet import build_efficientnet
 
 __all__ = [
     "ALIGN",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .mapping import Entry, WeightMap
-from .pairing import KERNEL_TRANSFORMS, Pair, torch_layout
+from tracer.engine.mapping import Entry, WeightMap
+from tracer.engine.pairing import KERNEL_TRANSFORMS, Pair, torch_layout
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, to_keras_layout
+from tracer.engine.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, to_keras_layout
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _layer_tensors(pair, ctx: Context) -> dict[str, tuple[object, str, object]]:
 
 def _expected(ctx: Context, full: str, shape: tuple) -> tuple[object, np.ndarray | None]:
     """(the mapping entry that writes `full`, the value it should hold in torch layout), either may be None."""
-    from .transforms import get_transform
+    from tracer.engine.transforms import get_transform
 
     entry = ctx.entry_of_parameter.get(full)
     raw = ctx.keras_value(entry.variable) if entry is not None else None
@@ -496,7 +496,7 @@ def _shift_fit(pair, local: np.ndarray) -> tuple[tuple[int, int], float] | None:
 
 def _unpaired_pads(ctx: Context, pair, row) -> str | None:
     """Unpaired pad layers of the same block whose spatial sizes differ: the shape off by one."""
-    from .compare import block_of
+    from tracer.engine.compare import block_of
 
     key = ("unpaired pads", pair.tower, row["block"])
     if key in ctx.cache:
@@ -624,7 +624,7 @@ def _activation_site(pair, ctx: Context):
     that module received during the local re-run."""
     import torch
 
-    from .record import kind_of
+    from tracer.engine.record import kind_of
 
     k, t = pair.keras, pair.torch
     if not pair.paired or k.output is None or k.input is None or t.module is None:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import numpy as np
 import tensorflow as tf
 
-from . import CONFIG_KEYS, Record, first_tensor, kind_of, role_of, to_numpy
+from tracer.engine.record import CONFIG_KEYS, Record, first_tensor, kind_of, role_of, to_numpy
 
 
 def _name(variable) -> str:
@@ -52,7 +52,7 @@ class _Recorder:
         self.records: list[Record] = []
 
     def __call__(self, layer, path: str, inputs: tuple, kwargs: dict, output) -> None:
-        from ..keras_ref.eager import Container
+        from tracer.families.align.keras_ref.eager import Container
 
         tensor = first_tensor(output)
         if isinstance(layer, Container):
@@ -86,11 +86,11 @@ def record_keras(model, inputs, keep_outputs: bool = True, sink: Callable[[Recor
     """Records of the reference's towers (vision first), each tower in execution order, orders final.
 
     `model` is a `keras_ref.EagerReference` (a tower not built yet is built by this run) or a functional `ALIGN`
-    from `build_reference` (copied into an eager one first). `inputs` is a `tracer.inputs.Inputs`. With `sink`, each
+    from `build_reference` (copied into an eager one first). `inputs` is a `tracer.families.align.inputs.Inputs`. With `sink`, each
     record is passed to it as soon as it is made, fully built; the recorder never touches it again (the sink may
     drop its arrays). `keep_outputs=False` keeps shapes only (no arrays at all).
     """
-    from ..keras_ref.eager import EagerReference, check_tower
+    from tracer.families.align.keras_ref.eager import EagerReference, check_tower
 
     reference = model if isinstance(model, EagerReference) else EagerReference.from_model(model)
     records: list[Record] = []

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConversionError
+from tracer.errors import ConversionError
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import google_crc32c
 import numpy as np
 import torch
 
-from .errors import BadInputError, ConversionError
-from .hf import StateWriter
-from .mapping import Entry, WeightMap
-from .progress import progress
-from .transforms import get_transform
+from tracer.errors import BadInputError, ConversionError
+from tracer.families.align.hf import StateWriter
+from tracer.engine.mapping import Entry, WeightMap
+from tracer.progress import progress
+from tracer.engine.transforms import get_transform
 
 logger = logging.getLogger(__name__)
 

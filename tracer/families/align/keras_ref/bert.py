@@ -30,7 +30,7 @@ import math
 import tensorflow as tf
 import tf_keras
 
-from ..spec import TextSpec
+from tracer.families.align.spec import TextSpec
 
 HIDDEN_DROPOUT = 0.1  # BertConfig.hidden_dropout_prob
 ATTENTION_DROPOUT = 0.1  # BertConfig.attention_probs_dropout_prob

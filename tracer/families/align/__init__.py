@@ -1,0 +1,1 @@
+"""coyo-align ALIGN (EfficientNet + TFBertModel) -> transformers AlignModel."""
