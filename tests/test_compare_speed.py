@@ -146,7 +146,8 @@ def _silu_pair(seed=7):
     k = SimpleNamespace(kind="activation", is_container=False, role="activation", input=x, inputs=(x,),
                         input_kwargs={"training": np.zeros(())}, shape=keras_out.shape, output=keras_out)
     t = SimpleNamespace(module=torch.nn.SiLU(), output=hf_out)
-    return SimpleNamespace(tower="vision", keras=k, torch=t, torch_weights=t, fused=False)
+    return SimpleNamespace(tower="vision", keras=k, torch=t, torch_weights=t, fused=False, layout="nchw",
+                           input_layout="nchw")
 
 
 def test_measured_add_measures_both_errors_against_one_reference():

@@ -27,7 +27,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tf_keras")
 
 from tracer.families.align import hf as hf_side  # noqa: E402
-from tracer.engine.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, compare_embeddings, layer_rows  # noqa: E402
+from tracer.engine.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, layer_rows  # noqa: E402
+from tracer.families.align.blocks import align_blocks  # noqa: E402
+from tracer.families.align.parity import compare_embeddings  # noqa: E402
+from tracer.families.align.towers import tower_of  # noqa: E402
 from tracer.engine.diagnose import CHECKERS, CLASSES, RUN_CHECKERS, diagnose, hint_classes  # noqa: E402
 from tracer.engine.mapping import map_by_file, read_mapping, write_mapping  # noqa: E402
 from tracer.engine.pairing import pair_records  # noqa: E402
@@ -46,7 +49,7 @@ def good(tiny_bundle):
     from tracer.families.align.inputs import build_processor, default_vocab_file
     from tracer.engine.mapping import map_by_rules
     from tracer.pipeline import ConvertOptions, load_inputs
-    from tracer.trace import trace
+    from tracer.families.align.trace import trace
     from tracer.families.align.rules import ALIGN_RULES
     from tracer.families.align.spec import derive_spec
 
@@ -96,7 +99,7 @@ def retrace(good, model, towers, entries=None, pixel_values=None) -> Run:
     model.eval()
     entries = entries if entries is not None else good.traced.weight_map.entries
     hf_out = dict(good.traced.hf_out)
-    with recording(model) as records, torch.inference_mode():
+    with recording(model, part_of=tower_of) as records, torch.inference_mode():
         if "vision" in towers:
             pixels = good.inputs.torch_pixel_values() if pixel_values is None else pixel_values
             hf_out["image_embeds"] = _normalised(model.get_image_features(pixel_values=pixels).pooler_output)
@@ -107,13 +110,13 @@ def retrace(good, model, towers, entries=None, pixel_values=None) -> Run:
         if tower in towers:
             tower_pairs = pair_records([r for r in good.keras_records if r.tower == tower], records)
             pairs += tower_pairs
-            rows += layer_rows(tower_pairs, entries, good.spec.vision.block_names())
+            rows += layer_rows(tower_pairs, entries, align_blocks(good.spec.vision.block_names()))
         else:
             pairs += [p for p in good.traced.pairs if p.tower == tower]
             rows += [dict(r) for r in good.traced.rows if r["tower"] == tower]
     parity = compare_embeddings(good.traced.keras_out, hf_out, good.temperature, float(model.temperature.detach()))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hints = diagnose(pairs, rows, entries, parity)
+    hints = diagnose(pairs, rows, entries, parity, align_blocks(good.spec.vision.block_names()))
     # The checkers re-run modules with patched weights, eps, padding: the model is left as it was found.
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -196,7 +199,8 @@ def test_a_one_pixel_shift_is_measured_on_the_overlap():
 
 def test_a_correct_conversion_gets_no_hint(good):
     rows = [dict(r) for r in good.traced.rows]
-    hints = diagnose(good.traced.pairs, rows, good.traced.weight_map.entries, good.parity)
+    hints = diagnose(good.traced.pairs, rows, good.traced.weight_map.entries, good.parity,
+                     align_blocks(good.spec.vision.block_names()))
     assert good.parity.ok and hints == []
     assert {r["status"] for r in rows} == {"ok"}
     assert all(r["hint"] == "" for r in rows)
@@ -342,7 +346,8 @@ def test_the_temperature_not_carried_over(good):
     rows = [dict(r) for r in good.traced.rows]
     parity = compare_embeddings(good.traced.keras_out, good.traced.hf_out, good.temperature,
                                 float(model.temperature.detach()))
-    hints = diagnose(good.traced.pairs, rows, good.traced.weight_map.entries, parity)
+    hints = diagnose(good.traced.pairs, rows, good.traced.weight_map.entries, parity,
+                     align_blocks(good.spec.vision.block_names()))
     assert not parity.ok
     assert [hint_classes(h) for h in hints] == [["temperature"]]
     assert "0.07" in hints[0] and "default temperature_init_value" in hints[0]

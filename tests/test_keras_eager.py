@@ -27,7 +27,7 @@ from tracer.families.align.keras_ref import (  # noqa: E402
     reference_variables,
 )
 from tracer.families.align.keras_ref.eager import PROBE_IMAGE_SIZE  # noqa: E402
-from tracer.engine.record.keras import record_keras  # noqa: E402
+from tracer.families.align.record import record_keras  # noqa: E402
 
 SPEC = demo_spec("tiny")
 OUTPUT_KEYS = ("image_features", "text_features", "image_embeds", "text_embeds")

@@ -19,7 +19,7 @@ import pytest
 
 from tracer.errors import BadInputError, ConversionError
 from tracer.families.align.inputs import IMAGE_SIZE, SEQ_LENGTH
-from tracer.keras_side import KerasProcess, _Ring, _RingWriter
+from tracer.families.align.keras_side import KerasProcess, _Ring, _RingWriter
 from tracer.engine.lockstep import drop_arrays
 from tracer.pipeline import ConvertOptions, convert
 from tracer.engine.record import Record
@@ -168,7 +168,7 @@ def test_the_worker_goes_when_its_parent_is_killed(tiny_bundle):
     script = (
         "import os, signal, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from tracer.keras_side import KerasProcess\n"
+        "from tracer.families.align.keras_side import KerasProcess\n"
         f"keras = KerasProcess({str(tiny_bundle / 'model-weights')!r}, {IMAGE_SIZE}, {SEQ_LENGTH})\n"
         "keras.probe('vision')\n"
         "print(keras._process.pid, flush=True)\n"

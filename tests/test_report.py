@@ -19,7 +19,7 @@ import pytest
 from tracer.engine.transfer import tensor_checksum
 
 from tracer.engine import compare, report
-from tracer.engine.compare import Parity
+from tracer.families.align.parity import Parity
 from tracer.engine.mapping import Entry
 
 NAN = float("nan")

@@ -181,9 +181,9 @@ class Capture:
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
         import tracer.pipeline
-        import tracer.trace
+        import tracer.families.align.trace
 
-        lockstep, trace, local_output, add = (tracer.trace._lockstep, tracer.pipeline.trace, compare.local_output,
+        lockstep, trace, local_output, add = (tracer.families.align.trace._lockstep, tracer.pipeline.trace, compare.local_output,
                                               compare.Measured.add)
 
         def counted_lockstep(keras, hf_model, chunk, tower, *args, **kwargs):
@@ -213,7 +213,7 @@ class Capture:
                     sums["local"] = self._add64(sums["local"], k.output, local)
             return result
 
-        mp.setattr(tracer.trace, "_lockstep", counted_lockstep)
+        mp.setattr(tracer.families.align.trace, "_lockstep", counted_lockstep)
         mp.setattr(tracer.pipeline, "trace", kept_trace)
         mp.setattr(compare, "local_output", seen_local_output)
         mp.setattr(compare.Measured, "add", measured_add)

@@ -15,7 +15,9 @@ import torch
 
 from tracer.families.align import hf as hf_side
 from tracer.io.checkpoint import open_checkpoint
-from tracer.engine.compare import DEFAULT_ATOL, Parity, compare_embeddings, max_abs, with_embeds
+from tracer.engine.compare import DEFAULT_ATOL, max_abs
+from tracer.families.align.blocks import align_blocks
+from tracer.families.align.parity import Parity, compare_embeddings, with_embeds
 from tracer.errors import BadInputError, ConversionError, ParityError, PushError
 from tracer.families.align.inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
                      inputs_from_npz)
@@ -25,7 +27,7 @@ from tracer.output import preflight, write_file_atomically, write_folder_atomica
 from tracer.progress import stage
 from tracer.families.align.rules import ALIGN_RULES
 from tracer.families.align.spec import AlignSpec, derive_spec
-from tracer.trace import trace
+from tracer.families.align.trace import trace
 from tracer.engine.transfer import Coverage, transfer
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ class ConversionResult:
     hints: list[str] = field(default_factory=list)  # run-level cause hints
     report: Path | None = None
     pushed_to: str | None = None  # the hub repository, after --push_to_hub
+    title: str = "ALIGN conversion report"
+    part_titles: dict = field(default_factory=lambda: {"vision": "Image tower (EfficientNet)",
+                                                       "text": "Text tower (BERT)"})
 
 
 def load_inputs(options: ConvertOptions, processor, spec: AlignSpec) -> Inputs:
@@ -257,7 +262,8 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
         with stage("diagnose", timings):
             from tracer.engine.diagnose import diagnose
 
-            result.hints = diagnose(traced.pairs, traced.rows, weight_map.entries, parity)
+            result.hints = diagnose(traced.pairs, traced.rows, weight_map.entries, parity,
+                                    align_blocks(spec.vision.block_names()))
         with stage("report", timings):
             from tracer.engine.report import default_run_name, write_report
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -25,73 +26,10 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(num / np.maximum(den, 1e-30))) if len(a) else 1.0
 
 
-@dataclass
-class Parity:
-    """The converted model's embeddings against a reference: the Keras model (`against="keras"`, a traced run), the
-    original's outputs given with the inputs (`"reference"`), or nothing (`"none"`: only the temperature is
-    checked; the embeddings' fields are NaN)."""
-
-    image_embeds_max_abs: float
-    text_embeds_max_abs: float
-    image_embeds_cosine_min: float
-    text_embeds_cosine_min: float
-    temperature_checkpoint: float
-    temperature_hf: float
-    atol: float
-    against: str = "keras"
-
-    @property
-    def ok(self) -> bool:
-        temperature = abs(self.temperature_checkpoint - self.temperature_hf) <= 1e-7 * max(
-            1.0, abs(self.temperature_checkpoint))
-        if self.against == "none":
-            return temperature
-        return self.image_embeds_max_abs <= self.atol and self.text_embeds_max_abs <= self.atol and temperature
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
-
-    def describe(self) -> str:
-        temperature = (f"temperature checkpoint {self.temperature_checkpoint:.6g} / hf {self.temperature_hf:.6g}, "
-                       f"atol {self.atol:g}")
-        if self.against == "none":
-            return f"embeddings not compared (no reference outputs), {temperature}"
-        return (
-            f"against the {'Keras model' if self.against == 'keras' else 'reference outputs'}: "
-            f"image_embeds max|Δ| {self.image_embeds_max_abs:.2e} (cos ≥ {self.image_embeds_cosine_min:.7f}), "
-            f"text_embeds max|Δ| {self.text_embeds_max_abs:.2e} (cos ≥ {self.text_embeds_cosine_min:.7f}), "
-            + temperature
-        )
-
-
-def compare_embeddings(keras: dict | None, hf: dict, temperature_checkpoint: float, temperature_hf: float,
-                       atol: float = DEFAULT_ATOL, against: str = "keras") -> Parity:
-    """`keras` (the reference) and `hf` each hold `image_embeds` and `text_embeds` (L2-normalised, numpy);
-    `keras=None`: nothing to compare against."""
-    if keras is None:
-        nan = float("nan")
-        return Parity(nan, nan, nan, nan, float(temperature_checkpoint), float(temperature_hf), atol, "none")
-    return Parity(
-        image_embeds_max_abs=max_abs(keras["image_embeds"], hf["image_embeds"]),
-        text_embeds_max_abs=max_abs(keras["text_embeds"], hf["text_embeds"]),
-        image_embeds_cosine_min=cosine_min(keras["image_embeds"], hf["image_embeds"]),
-        text_embeds_cosine_min=cosine_min(keras["text_embeds"], hf["text_embeds"]),
-        temperature_checkpoint=float(temperature_checkpoint),
-        temperature_hf=float(temperature_hf),
-        atol=atol,
-        against=against,
-    )
-
-
-def with_embeds(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tower features plus their L2-normalised `*_embeds`."""
-    return {**features, **{k.replace("features", "embeds"): v / np.linalg.norm(v, axis=-1, keepdims=True)
-                           for k, v in features.items()}}
-
-
-def to_keras_layout(torch_array: np.ndarray, keras_shape: tuple[int, ...]) -> np.ndarray:
-    """A torch activation in Keras layout: NCHW -> NHWC, then singleton axes reconciled by a reshape."""
-    a = np.transpose(torch_array, (0, 2, 3, 1)) if torch_array.ndim == 4 else torch_array
+def to_keras_layout(torch_array: np.ndarray, keras_shape: tuple[int, ...], layout: str = "nchw") -> np.ndarray:
+    """A torch activation in Keras layout: NCHW -> NHWC (`layout` "nchw", see `Pair.layout`), then singleton axes
+    reconciled by a reshape."""
+    a = np.transpose(torch_array, (0, 2, 3, 1)) if torch_array.ndim == 4 and layout == "nchw" else torch_array
     if tuple(a.shape) != tuple(keras_shape) and a.size == int(np.prod(keras_shape)):
         a = a.reshape(keras_shape)
     return a
@@ -231,7 +169,7 @@ class Measured:
         """Measure `pair` (its records hold this chunk's arrays) and add to the sums."""
         k, t = pair.keras, pair.torch
         local = local_output(pair)
-        targets = [(self.accumulated, to_keras_layout(t.output, k.shape))]
+        targets = [(self.accumulated, to_keras_layout(t.output, k.shape, pair.layout))]
         if local is not None:
             self.local = self.local or Sums()
             targets.append((self.local, local))
@@ -276,14 +214,15 @@ def local_output(pair) -> np.ndarray | None:
     import torch
 
     from tracer.engine.record import first_tensor, to_numpy
+    from tracer.engine.record.kinds import role_words
     from tracer.engine.record.torch import paused
 
     k, module = pair.keras, getattr(pair.torch, "module", None)
     if k is None or module is None or k.input is None:
         return None
-    if not (k.kind in LOCAL_KINDS or (k.is_container and k.role in LOCAL_ROLES)):
+    if not (k.kind in LOCAL_KINDS or (k.is_container and "".join(role_words(k.role)) in LOCAL_ROLES)):
         return None
-    channels_first = pair.tower == "vision"
+    channels_first = pair.input_layout == "nchw"
     args = [_to_torch(a, channels_first) for a in k.inputs if a is not None][:1]
     params = _parameters(module.forward)
     kwargs = {n: _to_torch(a, channels_first) for n, a in k.input_kwargs.items() if n in params}
@@ -295,7 +234,7 @@ def local_output(pair) -> np.ndarray | None:
     array = to_numpy(first_tensor(out))
     if array is None or array.size != int(np.prod(k.shape)):
         return None
-    return to_keras_layout(array, k.shape)
+    return to_keras_layout(array, k.shape, pair.layout)
 
 
 # Tolerances on relative L2 error (‖hf − keras‖ / ‖keras‖), float32 on both sides.
@@ -316,36 +255,24 @@ TOLERANCES = {"local_rel_l2": LOCAL_REL_L2, "accumulated_rel_l2": ACCUMULATED_RE
 # Without a local measurement, a jump of this factor over the previous layer's accumulated error is a fault.
 FAULT_GROWTH = 100.0
 
-_VISION_BLOCK = re.compile(r"(block\d+[a-z])_|/(block\d+[a-z])$")
-_TORCH_BLOCK = re.compile(r"encoder\.blocks\.(\d+)")
-_BERT_LAYER = re.compile(r"layer_\._(\d+)|encoder\.layer\.(\d+)")
+_INDEXED = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
-def block_of(tower: str, keras_path: str, torch_path: str, block_names: list[str]) -> str:
-    """The block a row belongs to: `block3a` (HF blocks.k), `stem`, `pooling`, `layer_._i`, `embeddings`,
-    `pooler`, `projection`, or the tower itself for the containers around them."""
-    if tower == "vision":
-        if m := _VISION_BLOCK.search(keras_path):
-            return m.group(1) or m.group(2)
-        if m := _TORCH_BLOCK.search(torch_path):
-            return block_names[int(m.group(1))]
-        if "stem" in keras_path or "vision_model.embeddings" in torch_path:
-            return "stem"
-        if "pool" in keras_path or torch_path.endswith("pooler"):
-            return "pooling"
-        return "vision"
-    if m := _BERT_LAYER.search(keras_path) or _BERT_LAYER.search(torch_path):
-        return f"layer_._{m.group(1) or m.group(2)}"
-    for name in ("embeddings", "pooler"):
-        if name in keras_path or name in torch_path:
-            return name
-    if torch_path == "text_projection" or keras_path.endswith("/dense"):
-        return "projection"
-    return "text"
+def module_block(pair) -> str:
+    """The block a row belongs to, from the torch module tree: the path up to its first index
+    (`encoder.layer.3`, `encoder.blocks.5`), else its first part (`embeddings`, `pooler`, `classifier`); a
+    Keras-only row by the Keras path's first part."""
+    if pair.torch is not None:
+        path = pair.torch.path
+        if m := _INDEXED.match(path):
+            return m.group(1)
+        return path.split(".")[0]
+    return pair.keras.path.split("/")[0] if pair.keras is not None else ""
 
 
-def layer_rows(pairs, entries: list, block_names: list[str]) -> list[dict]:
-    """One row per paired layer (and per unpaired layer that computes something), in execution order."""
+def layer_rows(pairs, entries: list, block_of: Callable = module_block) -> list[dict]:
+    """One row per paired layer (and per unpaired layer that computes something), in execution order.
+    `block_of(pair)`: the block its row is counted in (an adapter's names, or the torch module tree's)."""
     from tracer.engine.pairing import gap_cost
 
     source_of = {e.variable: e for e in entries}
@@ -365,7 +292,7 @@ def layer_rows(pairs, entries: list, block_names: list[str]) -> list[dict]:
             "hf_module": t.path if t else "", "hf_class": t.cls if t else "",
             "keras_shape": "x".join(map(str, k.shape)) if k else "",
             "hf_shape": "x".join(map(str, t.shape)) if t else "",
-            "block": block_of(pair.tower, k.path if k else "", t.path if t else "", block_names),
+            "block": block_of(pair),
         }
         weights = [source_of[v] for v in (k.variables if k else {}) if v in source_of]
         row["weights"] = "; ".join(f"{e.variable} -> {e.parameter}" for e in weights)

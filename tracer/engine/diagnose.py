@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from tracer.engine.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, to_keras_layout
+from tracer.engine.record import output_layout
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,13 @@ class Context:
     cache: dict = field(default_factory=dict)
     entry_rows: set = field(default_factory=set)  # id(row) of each off tower's first row over tolerance
 
+    block_of: Callable = None  # pair -> its row's block (`compare.layer_rows`' `block_of`)
+
     @classmethod
-    def build(cls, pairs, rows, entries, parity) -> "Context":
-        ctx = cls(list(pairs), rows, list(entries or []), parity)
+    def build(cls, pairs, rows, entries, parity, block_of: Callable | None = None) -> "Context":
+        from tracer.engine.compare import module_block
+
+        ctx = cls(list(pairs), rows, list(entries or []), parity, block_of=block_of or module_block)
         for p in ctx.pairs:
             ctx.by_row[_key(p.tower, p.keras.path if p.keras else "", p.torch.path if p.torch else "")] = p
             if p.torch is not None:
@@ -102,12 +107,9 @@ class Context:
         return None if v is None else np.asarray(v.numpy())
 
     def tower_off(self, tower: str) -> bool:
-        """The tower's embeddings miss the tolerance, or one of its layers diverged."""
-        p = self.parity
-        if p is not None:
-            off = p.image_embeds_max_abs if tower == "vision" else p.text_embeds_max_abs
-            if off > p.atol:
-                return True
+        """The part's outputs miss their tolerance, or one of its layers diverged."""
+        if self.parity is not None and self.parity.off(tower):
+            return True
         return any(r["tower"] == tower and r["status"] == "diverged" for r in self.rows)
 
 
@@ -474,6 +476,33 @@ def _torch_pads(module) -> list[tuple[str, object]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.ZeroPad2d)]
 
 
+def _keras_same(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """Keras/TF `padding="same"`: (before, after), the odd pixel after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _same_padding(pair, weights, row) -> str | None:
+    """A Keras `same` conv ported with torch's symmetric padding: re-run the conv padded as TF pads."""
+    module, k = weights.module, pair.keras
+    if k.config.get("padding") != "same" or k.input is None or k.input.ndim != 4 or module is None:
+        return None
+    (h, w), (kh, kw) = k.input.shape[1:3], module.kernel_size
+    (sh, sw), (dh, dw) = module.stride, module.dilation
+    top, bottom = _keras_same(h, kh, sh, dh)
+    left, right = _keras_same(w, kw, sw, dw)
+    if isinstance(module.padding, str) or (top, bottom, left, right) == (module.padding[0],) * 2 + (module.padding[1],) * 2:
+        return None
+    changes = [(module, "padding_mode", "constant"), (module, "padding", (0, 0)),
+               (module, "_reversed_padding_repeated_twice", (left, right, top, bottom))]
+    err = _local_error(pair, _rerun(pair, changes))
+    if err > FIT:
+        return None
+    return (f"HF `{weights.path}` pads {tuple(module.padding)} on each side where Keras `{k.path.rsplit('/', 1)[-1]}` "
+            f"pads `same` as TF does: (top, bottom, left, right) = {(top, bottom, left, right)}; re-running so fits "
+            f"(local rel_l2 {_fmt(err)}, as converted {_as_of(row)})")
+
+
 def _shift_fit(pair, local: np.ndarray) -> tuple[tuple[int, int], float] | None:
     """The ±1-pixel shift (dy, dx) of the HF output that fits the Keras output on their overlap, if any."""
     ref = pair.keras.output
@@ -496,20 +525,15 @@ def _shift_fit(pair, local: np.ndarray) -> tuple[tuple[int, int], float] | None:
 
 def _unpaired_pads(ctx: Context, pair, row) -> str | None:
     """Unpaired pad layers of the same block whose spatial sizes differ: the shape off by one."""
-    from tracer.engine.compare import block_of
-
     key = ("unpaired pads", pair.tower, row["block"])
     if key in ctx.cache:
         return ctx.cache[key]
-    if "block names" not in ctx.cache:
-        ctx.cache["block names"] = _block_names(ctx)
     keras_pads, torch_pads = [], []
     for p in ctx.pairs:
         r = p.keras or p.torch
         if p.tower != pair.tower or p.paired or r.kind != "pad" or len(r.shape) != 4:
             continue
-        if block_of(p.tower, p.keras.path if p.keras else "", p.torch.path if p.torch else "",
-                    ctx.cache["block names"]) == row["block"]:
+        if ctx.block_of(p) == row["block"]:
             (keras_pads if p.keras else torch_pads).append(r)
     found = None
     for k, t in zip(keras_pads, torch_pads):
@@ -523,20 +547,10 @@ def _unpaired_pads(ctx: Context, pair, row) -> str | None:
     return found
 
 
-def _block_names(ctx: Context) -> list[str]:
-    """The vision block names as the rows use them, index -> name (read back from the rows)."""
-    names = {}
-    for r in ctx.rows:
-        m = re.search(r"encoder\.blocks\.(\d+)", r["hf_module"])
-        if m and r["tower"] == "vision":
-            names[int(m.group(1))] = r["block"]
-    return [names.get(i, f"blocks.{i}") for i in range(max(names) + 1)] if names else []
-
-
 @row_checker("padding")
 def check_padding(pair, row, ctx: Context) -> str | None:
     """Re-run with the Keras padding; compare the HF output shifted by ±1 pixel; or name pad shapes off by one."""
-    if pair.tower != "vision":
+    if not pair.paired or len(pair.keras.shape) != 4:  # padding is spatial
         return None
     evidence = []
     module = getattr(pair.torch, "module", None) if pair.paired else None
@@ -556,7 +570,10 @@ def check_padding(pair, row, ctx: Context) -> str | None:
             if err <= FIT:
                 evidence.append("; ".join(named) + f": re-running with Keras' padding fits (local rel_l2 {_fmt(err)}, "
                                 f"as converted {_as_of(row)})")
-        if not evidence and row["status"] == "diverged" and pair.torch.kind in ("conv", "depthwise", "pad"):
+        weights = pair.torch_weights if pair.fused else pair.torch  # Conv2D(activation=...): torch's conv
+        if not evidence and row["status"] == "diverged" and weights.kind in ("conv", "depthwise"):
+            evidence += filter(None, [_same_padding(pair, weights, row)])
+        if not evidence and row["status"] == "diverged" and weights.kind in ("conv", "depthwise", "pad"):
             shift = _shift_fit(pair, local_output(pair))
             if shift is not None:
                 (dy, dx), err = shift
@@ -608,11 +625,11 @@ def _fitting(z, target: np.ndarray) -> list[tuple[str, float]]:
     return sorted([(n, e) for n, e in errs if e <= CANDIDATE_FIT], key=lambda ne: ne[1])
 
 
-def _torch_input(array: np.ndarray):
-    """A Keras float activation as the HF module takes it (NHWC -> NCHW for 4-D maps)."""
+def _torch_input(array: np.ndarray, layout: str = "nchw"):
+    """A Keras float activation as the HF module takes it (NHWC -> NCHW for 4-D maps laid out so)."""
     import torch
 
-    a = np.transpose(array, (0, 3, 1, 2)) if array.ndim == 4 else array
+    a = np.transpose(array, (0, 3, 1, 2)) if array.ndim == 4 and layout == "nchw" else array
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
@@ -624,24 +641,24 @@ def _activation_site(pair, ctx: Context):
     that module received during the local re-run."""
     import torch
 
-    from tracer.engine.record import kind_of
+    from tracer.engine.record.kinds import torch_kind
 
     k, t = pair.keras, pair.torch
     if not pair.paired or k.output is None or k.input is None or t.module is None:
         return None
     if t.kind == "activation" and not pair.fused:
-        x = _torch_input(k.input)
+        x = _torch_input(k.input, pair.input_layout)
         with torch.inference_mode():
             z, hf = x, t.module(x)
     elif pair.fused and t.kind == "activation":
-        x = _torch_input(k.input)
+        x = _torch_input(k.input, pair.input_layout)
         with torch.inference_mode():
             z = pair.torch_weights.module(x)
             hf = t.module(z)
     elif t.is_container:
         calls = []
         hooks = [m.register_forward_hook(lambda m, a, o: calls.append((a[0], o)))
-                 for m in t.module.modules() if kind_of(type(m).__name__) == "activation"]
+                 for m in t.module.modules() if torch_kind(m) == "activation"]
         try:
             local = local_output(pair)
         finally:
@@ -650,15 +667,15 @@ def _activation_site(pair, ctx: Context):
         if not calls or local is None:
             return None
         z, hf = calls[-1]
-        last = to_keras_layout(hf.detach().numpy(), k.shape) if hf.numel() == local.size else None
+        last = to_keras_layout(hf.detach().numpy(), k.shape, pair.layout) if hf.numel() == local.size else None
         if last is None or _rel(local, last) > 1e-7:
             return None  # the activation is not the container's last operation
     else:
         return None
-    z_np = to_keras_layout(z.detach().numpy(), k.shape) if z.numel() == k.output.size else None
+    z_np = to_keras_layout(z.detach().numpy(), k.shape, pair.layout) if z.numel() == k.output.size else None
     if z_np is None:
         return None
-    return _sample(z_np), _sample(to_keras_layout(hf.detach().numpy(), k.shape)), _sample(k.output)
+    return _sample(z_np), _sample(to_keras_layout(hf.detach().numpy(), k.shape, pair.layout)), _sample(k.output)
 
 
 @row_checker("activation")
@@ -684,12 +701,18 @@ def check_activation(pair, row, ctx: Context) -> str | None:
 # ---------------------------------------------------------------------------------------------------- 7. preprocessing
 
 
-def _first_inputs(ctx: Context, tower: str):
-    """(keras record, torch record) of the tower's first paired layer whose HF record kept its input."""
+def _first_inputs(ctx: Context):
+    """(keras record, torch record) of the first paired layer, in the first part that takes images, whose HF record
+    kept its input (what the processor gave it)."""
     for p in ctx.pairs:
-        if p.tower == tower and p.paired and p.torch.input is not None and p.keras.input is not None:
+        if p.paired and p.torch.input is not None and p.keras.input is not None and p.keras.input.ndim == 4:
             return p.keras, p.torch
     return None, None
+
+
+def _image_part(ctx: Context) -> str | None:
+    k, _ = _first_inputs(ctx)
+    return None if k is None else k.tower
 
 
 def _affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -722,14 +745,15 @@ def _pixels_evidence(ctx: Context) -> str | None:
     if "pixels" in ctx.cache:
         return ctx.cache["pixels"]
     ctx.cache["pixels"] = None
-    k, t = _first_inputs(ctx, "vision")
-    if k is None or k.input.ndim != 4:
+    k, t = _first_inputs(ctx)
+    if k is None:
         return None
     keras_in = np.asarray(k.input, np.float64)
-    hf_in = to_keras_layout(np.asarray(t.input, np.float64), keras_in.shape)
+    layout = output_layout(keras_in.shape, t.input.shape, prefer_nchw=True) or "same"
+    hf_in = to_keras_layout(np.asarray(t.input, np.float64), keras_in.shape, layout)
     if hf_in.shape != keras_in.shape or _rel(keras_in, hf_in) <= FIT:
         return None
-    rescale = next((p.keras for p in ctx.pairs if p.tower == "vision" and p.keras is not None
+    rescale = next((p.keras for p in ctx.pairs if p.tower == k.tower and p.keras is not None
                     and p.keras.kind == "rescale" and p.keras.input is not None), None)
     found = None
     a, b, err = _affine(keras_in, hf_in)
@@ -758,7 +782,7 @@ def _pixels_evidence(ctx: Context) -> str | None:
 @row_checker("preprocessing")
 def check_preprocessing(pair, row, ctx: Context) -> str | None:
     """The first vision layer is off by an affine map: fit a, b between what HF's and Keras' first layers received."""
-    if pair.tower != "vision" or (id(row) not in ctx.entry_rows and row["order"] != 0):
+    if pair.tower != _image_part(ctx) or (id(row) not in ctx.entry_rows and row["order"] != 0):
         return None
     return _pixels_evidence(ctx)
 
@@ -774,7 +798,7 @@ def run_preprocessing(ctx: Context) -> str | None:
 @run_checker("temperature")
 def run_temperature(ctx: Context) -> str | None:
     p = ctx.parity
-    if p is None:
+    if p is None or not hasattr(p, "temperature_checkpoint"):  # a model with no temperature
         return None
     ckpt, hf = float(p.temperature_checkpoint), float(p.temperature_hf)
     if abs(ckpt - hf) <= 1e-7 * max(1.0, abs(ckpt)):
@@ -786,11 +810,8 @@ def run_temperature(ctx: Context) -> str | None:
         why = ": HF holds log(1/T), CLIP's logit_scale convention"
     elif ckpt > 0 and math.isclose(hf, math.log(ckpt), rel_tol=1e-5, abs_tol=1e-9):
         why = ": HF holds log(T)"
-    else:
-        from transformers import AlignConfig
-
-        if math.isclose(hf, AlignConfig().temperature_init_value, rel_tol=1e-6):
-            why = ": HF kept AlignConfig's default temperature_init_value (the checkpoint's value was never written)"
+    elif math.isclose(hf, p.temperature_default, rel_tol=1e-6):
+        why = ": HF kept the config's default temperature_init_value (the checkpoint's value was never written)"
     return (f"the checkpoint's temperature is {ckpt:.6g} but the HF model's is {hf:.6g}{why}; logits would be "
             f"scaled by {ckpt / hf if hf else float('inf'):.4g}× the original's")
 
@@ -846,11 +867,12 @@ def _diverged_inside(pair, done: list[tuple[dict, object]]):
     return None
 
 
-def diagnose(pairs, rows: list[dict], entries, parity) -> list[str]:
-    """Add a `hint` to the rows that diverge (and to where an off tower's error enters); return run-level hints."""
+def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None = None) -> list[str]:
+    """Add a `hint` to the rows that diverge (and to where an off part's error enters); return run-level hints.
+    `parity` answers `off(part)` (its outputs miss their tolerance); `block_of` is the rows' block function."""
     for row in rows:
         row["hint"] = ""
-    ctx = Context.build(pairs, rows, entries, parity)
+    ctx = Context.build(pairs, rows, entries, parity, block_of)
     run_hints = []
     for c in RUN_CHECKERS:
         try:

@@ -52,6 +52,10 @@ class Entry:
     status: str = ""
     keras_checksum: str = ""  # of the checkpoint tensor, and of what the HF parameter received
     hf_checksum: str = ""
+    part: str = ""  # the part of the model the parameter belongs to (ALIGN's towers), when traced
+    # With the torch model's own weights kept (`tracer.trace(copy_weights=False)`): the Keras weight(s) the
+    # parameter equals under a layout transform (`name (transform)`; several joined by `; `), or "none".
+    equals: str = ""
 
     def row(self) -> dict:
         row = asdict(self)

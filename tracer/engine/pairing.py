@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tracer.engine.record import GAP_KINDS, Record, nhwc_shape
+from tracer.engine.record import GAP_KINDS, Record, nchw_to_nhwc, output_layout, squeezed
+from tracer.engine.record.kinds import roles_agree
 from tracer.engine.transforms import get_transform
 
 NEG = -1e9
@@ -45,6 +46,33 @@ class Pair:
     def paired(self) -> bool:
         return self.keras is not None and self.torch is not None
 
+    @property
+    def layout(self) -> str:
+        """How the torch output is laid out against the Keras one (`same` or `nchw`), from their shapes."""
+        if not self.paired:
+            return "same"
+        return (output_layout(self.keras.shape, self.torch.shape, prefer_nchw=_spatial(self.torch))
+                or _guess(self.keras.shape, self.torch))
+
+    @property
+    def input_layout(self) -> str:
+        """How the torch module's input is laid out against the Keras layer's, from the shapes both received."""
+        weights = self.torch_weights if self.fused else self.torch
+        if not self.paired or not self.keras.input_shape or weights is None or not weights.input_shape:
+            return "same"
+        return (output_layout(self.keras.input_shape, weights.input_shape, prefer_nchw=_spatial(weights))
+                or _guess(self.keras.input_shape, weights))
+
+
+def _guess(keras_shape: tuple, torch: Record) -> str:
+    """Shapes that do not correspond (a port with another padding): an image layer's maps are NCHW still."""
+    return "nchw" if len(keras_shape) == 4 and _spatial(torch) else "same"
+
+
+def _spatial(record: Record) -> bool:
+    """A torch record of a layer that works on images (where a square NCHW shape is read as NCHW)."""
+    return record.kind in ("conv", "depthwise", "batchnorm", "pad", "pool") or len(record.shape) == 4
+
 
 def torch_layout(kind: str, keras_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The torch shape a Keras variable of a layer of `kind` becomes."""
@@ -65,9 +93,13 @@ def weight_signature(record: Record | None) -> tuple:
 
 
 def shape_key(record: Record) -> tuple[int, ...]:
-    """Output shape in channels-last layout, without the batch axis (a recording may use a smaller batch)
-    and without singleton axes (Keras pools to (N, C) where torch keeps (N, C, 1, 1))."""
-    return tuple(d for d in nhwc_shape(record)[1:] if d != 1)
+    """Output shape as it is, without the batch axis and singleton axes (`record.squeezed`)."""
+    return squeezed(record.shape)
+
+
+def nhwc_key(record: Record) -> tuple[int, ...]:
+    """The shape key of a torch output read as NCHW, in channels-last order: what a Keras NHWC output has."""
+    return squeezed(nchw_to_nhwc(record.shape)) if record.framework == "torch" else shape_key(record)
 
 
 def gap_cost(record: Record) -> float:
@@ -85,9 +117,10 @@ def _codes(values: list) -> dict:
 def score_matrices(keras: list[Record], torch: list[Record]) -> tuple[np.ndarray, np.ndarray]:
     """S[i, j]: Keras i with torch j. F[i, j]: Keras i (fused activation) with torch j-1 (weights) + j (activation)."""
     kinds = _codes([r.kind for r in keras + torch])
-    shapes = _codes([shape_key(r) for r in keras + torch])
+    shapes = _codes([shape_key(r) for r in keras + torch] + [nhwc_key(r) for r in torch])
     sigs = _codes([weight_signature(r) for r in keras + torch])
-    roles = _codes([r.role for r in keras + torch])
+    k_roles, t_roles = _codes([r.role for r in keras]), _codes([r.role for r in torch])
+    agree = np.array([[roles_agree(a, b) for b in t_roles] for a in k_roles]).reshape(len(k_roles), len(t_roles))
     acts = _codes([r.activation for r in keras + torch])
 
     def col(records, f, table):
@@ -95,18 +128,19 @@ def score_matrices(keras: list[Record], torch: list[Record]) -> tuple[np.ndarray
 
     kk, tk = col(keras, lambda r: r.kind, kinds)[:, None], col(torch, lambda r: r.kind, kinds)[None, :]
     ks, ts = col(keras, shape_key, shapes)[:, None], col(torch, shape_key, shapes)[None, :]
+    tn = col(torch, nhwc_key, shapes)[None, :]
     kw, tw = col(keras, weight_signature, sigs)[:, None], col(torch, weight_signature, sigs)[None, :]
-    kr, tr = col(keras, lambda r: r.role, roles)[:, None], col(torch, lambda r: r.role, roles)[None, :]
+    role = agree[col(keras, lambda r: r.role, k_roles)[:, None], col(torch, lambda r: r.role, t_roles)[None, :]]
     ka, ta = col(keras, lambda r: r.activation, acts)[:, None], col(torch, lambda r: r.activation, acts)[None, :]
     k_container = np.array([r.is_container for r in keras])[:, None]
     none_sig = sigs.get((), -1)  # -1: no record is unweighted
 
-    same_kind, same_shape = kk == tk, ks == ts
+    same_kind, same_shape = kk == tk, (ks == ts) | (ks == tn)  # torch NCHW or as Keras lays it out
     weights_ok = (kw == tw)
     leaf = same_kind & same_shape & weights_ok & ~k_container
     s = np.where(leaf, MATCH + MATCH_WEIGHTS * (kw != none_sig) + MATCH_ACTIVATION * (ka == ta), NEG)
     container = same_kind & same_shape & k_container
-    s = np.where(container, CONTAINER_MATCH + MATCH_ROLE * (kr == tr), s)
+    s = np.where(container, CONTAINER_MATCH + MATCH_ROLE * role, s)
 
     # Fused: torch j-1 carries the weights (same kind and weights as Keras i), torch j is the activation
     # whose output has Keras i's shape.
@@ -115,7 +149,7 @@ def score_matrices(keras: list[Record], torch: list[Record]) -> tuple[np.ndarray
         fusable = np.array([r.activation not in (None, "linear") and r.kind in ("conv", "depthwise", "linear")
                             for r in keras])[:, None]
         t_act = np.array([r.kind == "activation" for r in torch])[None, 1:]
-        ok = fusable & (kk == tk[:, :-1]) & (kw == tw[:, :-1]) & (kw != none_sig) & t_act & (ks == ts[:, 1:])
+        ok = fusable & (kk == tk[:, :-1]) & (kw == tw[:, :-1]) & (kw != none_sig) & t_act & ((ks == ts[:, 1:]) | (ks == tn[:, 1:]))
         f[:, 1:] = np.where(ok, MATCH + MATCH_WEIGHTS + MATCH_ACTIVATION * (ka == ta[:, 1:]), NEG)
     return s, f
 
@@ -173,8 +207,8 @@ def align(keras: list[Record], torch: list[Record], tower: str = "") -> list[Pai
 
 
 def pair_records(keras: list[Record], torch: list[Record]) -> list[Pair]:
-    """Align each tower separately; towers keep the order vision, text."""
+    """Align each part separately, parts in the order of their first Keras record."""
     pairs: list[Pair] = []
-    for tower in ("vision", "text"):
-        pairs += align([r for r in keras if r.tower == tower], [r for r in torch if r.tower == tower], tower)
+    for part in dict.fromkeys(r.tower for r in keras + torch):
+        pairs += align([r for r in keras if r.tower == part], [r for r in torch if r.tower == part], part)
     return pairs

@@ -51,10 +51,12 @@ back as a `--mapping_file`.
 
     variable, parameter, transform
     source               table | inferred | numeric | file
-    status               confirmed | mismatch | inferred-only | … (tracer/infer.py)
+    status               confirmed | mismatch | inferred-only | … (tracer/engine/infer.py)
     keras_shape, hf_shape
     keras_checksum       a checksum of the checkpoint tensor and of the tensor written into the HF model, when
     hf_checksum            the transfer computed them (`Entry.keras_checksum` / `Entry.hf_checksum`); else empty
+    equals               `tracer.trace(copy_weights=False)`: the Keras weight(s) the torch tensor holds under a
+                           layout transform, `name (transform)` joined by `; `, or `none`; else empty
 
 ``summary.json``: the stable contract other tools read (`SUMMARY_KEYS`; floats that are NaN/Inf are null).
 
@@ -120,7 +122,7 @@ BLOCK_COLUMNS = [
 ]
 MAPPING_COLUMNS = [
     "variable", "parameter", "transform", "source", "status", "keras_shape", "hf_shape",
-    "keras_checksum", "hf_checksum",
+    "keras_checksum", "hf_checksum", "equals",
 ]
 SUMMARY_KEYS = [
     "schema_version", "checkpoint", "verdict", "verdict_reasons", "image_embeds_max_abs", "text_embeds_max_abs",
@@ -173,7 +175,7 @@ def _towers(rows: list[dict]) -> list[str]:
 def _tolerances(parity=None) -> dict:
     tol = dict(compare.TOLERANCES)
     if parity is not None:
-        tol["embeds_max_abs"] = parity.atol
+        tol.update(parity.tolerances())
     tol["fault_growth"] = compare.FAULT_GROWTH
     return tol
 
@@ -247,6 +249,7 @@ def mapping_rows(entries) -> list[dict]:
             "hf_shape": "x".join(map(str, getattr(e, "hf_shape", ()) or ())),
             "keras_checksum": _text(getattr(e, "keras_checksum", "")),
             "hf_checksum": _text(getattr(e, "hf_checksum", "")),
+            "equals": _text(getattr(e, "equals", "")),
         })
     return out
 
@@ -287,21 +290,14 @@ def _statuses(rows: list[dict]) -> dict:
     return {**{s: counts.get(s, 0) for s in STATUSES}, **{s: n for s, n in counts.items() if s not in STATUSES}}
 
 
-def _temperature_match(p) -> bool:
-    return abs(p.temperature_checkpoint - p.temperature_hf) <= 1e-7 * max(1.0, abs(p.temperature_checkpoint))
-
-
 def verdict(rows: list[dict], parity) -> tuple[str, list[str]]:
+    """`match` or `diverged`, and why: diverged layers, then what the outputs' comparison (`parity.reasons()`)
+    finds."""
     reasons = []
     diverged = sum(r.get("status") == "diverged" for r in rows)
     if diverged:
         reasons.append(f"{diverged} layer(s) diverged")
-    for side in ("image", "text"):
-        value = getattr(parity, f"{side}_embeds_max_abs")
-        if not value <= parity.atol:  # NaN misses too
-            reasons.append(f"{side}_embeds max|Δ| {value:.2e} > atol {parity.atol:g}")
-    if not _temperature_match(parity):
-        reasons.append(f"temperature checkpoint {parity.temperature_checkpoint:.6g} != hf {parity.temperature_hf:.6g}")
+    reasons += parity.reasons()
     return ("diverged" if reasons else "match"), reasons
 
 
@@ -326,12 +322,7 @@ def summary(result, checkpoint_path: str) -> dict:
         "checkpoint": str(checkpoint_path),
         "verdict": name,
         "verdict_reasons": reasons,
-        "image_embeds_max_abs": p.image_embeds_max_abs,
-        "text_embeds_max_abs": p.text_embeds_max_abs,
-        "image_embeds_cosine_min": p.image_embeds_cosine_min,
-        "text_embeds_cosine_min": p.text_embeds_cosine_min,
-        "temperature": {"checkpoint": p.temperature_checkpoint, "hf": p.temperature_hf,
-                        "match": _temperature_match(p)},
+        **p.summary_fields(),
         "coverage": result.coverage.as_dict() if getattr(result, "coverage", None) else None,
         "mapping_sources": {**{s: sources.get(s, 0) for s in MAPPING_SOURCES}, **sources},
         "mapping_statuses": dict(Counter(_text(getattr(e, "status", "")) for e in entries)),
@@ -353,8 +344,9 @@ def summary(result, checkpoint_path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_report(result, destination: str | Path, checkpoint_path: str) -> Path:
-    """Write every report file into a hidden folder beside `destination`, renamed into place when complete."""
+def write_report(result, destination: str | Path, checkpoint_path: str, data: dict | None = None) -> Path:
+    """Write every report file into a hidden folder beside `destination`, renamed into place when complete.
+    `data`: the summary, when the caller has it (else `summary(result, checkpoint_path)`)."""
     from tracer.output import write_folder_atomically
 
     destination = Path(destination)
@@ -364,7 +356,8 @@ def write_report(result, destination: str | Path, checkpoint_path: str) -> Path:
         layers_frame(result.rows).to_csv(folder / "layers.csv", index=False)
         blocks_frame(result.rows).to_csv(folder / "blocks.csv", index=False)
         mapping_frame(result.entries or []).to_csv(folder / "mapping.csv", index=False)
-        data = summary(result, checkpoint_path)
+        nonlocal data
+        data = data or summary(result, checkpoint_path)
         (folder / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
         (folder / "report.html").write_text(render_html(result, data), encoding="utf-8")
@@ -398,14 +391,7 @@ def format_summary(result) -> str:
     lines.append(f"verdict: {data['verdict'].upper()}{layers}")
     for reason in data["verdict_reasons"]:
         lines.append(f"  - {reason}")
-    lines.append(f"embeddings: image max|Δ| {_fmt(data['image_embeds_max_abs'])} "
-                 f"(cos ≥ {_fmt(data['image_embeds_cosine_min'], '.7f')}), "
-                 f"text max|Δ| {_fmt(data['text_embeds_max_abs'])} "
-                 f"(cos ≥ {_fmt(data['text_embeds_cosine_min'], '.7f')}); "
-                 f"atol {data['tolerances']['embeds_max_abs']:g}")
-    t = data["temperature"]
-    if not t["match"]:
-        lines.append(f"temperature: checkpoint {t['checkpoint']} / hf {t['hf']}")
+    lines += result.parity.summary_lines(data)
     local, accumulated = data["first_local_divergence"], data["first_accumulated_divergence"]
     if local:
         lines.append(f"first divergence: {_where(local)}: own error rel {_fmt(local['local_rel_l2'])}, "
@@ -427,25 +413,14 @@ def esc(value) -> str:
     return html.escape(_text(value), quote=True)
 
 
-TOWER_TITLES = {"vision": "Image tower (EfficientNet)", "text": "Text tower (BERT)"}
-_PREFIXES = ("vision_encoder/efficientnet/", "text_encoder/tf_bert_model/bert/encoder/",
-             "text_encoder/tf_bert_model/bert/", "text_encoder/")
-
-
 def short_name(path: str) -> str:
-    for prefix in _PREFIXES:
-        if path.startswith(prefix) and len(path) > len(prefix):
-            return path[len(prefix):]
-    return path
+    """A Keras layer path without the containers around it (`a/b/c` -> `c`'s last two parts)."""
+    parts = path.split("/")
+    return "/".join(parts[-2:]) if len(parts) > 2 else path
 
 
 def _entry_tower(entry) -> str:
-    parameter = entry.parameter or ""
-    if parameter.startswith("vision_model."):
-        return "vision"
-    if parameter.startswith(("text_model.", "text_projection")):
-        return "text"
-    return "model"
+    return getattr(entry, "part", "") or "model"
 
 
 CSS = """
@@ -784,15 +759,16 @@ def render_html(result, data: dict | None = None) -> str:
     (first fault highlighted), the layers and the mapping."""
     data = data or summary(result, "")
     rows, tol = result.rows, data["tolerances"]
-    atol = tol["embeds_max_abs"]
+    title = getattr(result, "title", None) or "tracer report"
+    part_titles = getattr(result, "part_titles", None) or {}
     mapping = mapping_rows(result.entries or [])
     towers_of_entries = [_entry_tower(e) for e in (result.entries or [])]
     verdict_word = data["verdict"]
     out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{esc(verdict_word.upper())} · ALIGN conversion report · {esc(data['checkpoint'])}</title>",
+           f"<title>{esc(verdict_word.upper())} · {esc(title)} · {esc(data['checkpoint'])}</title>",
            f"<style>{CSS}</style></head><body><main>"]
-    out.append("<h1>ALIGN conversion report</h1>")
+    out.append(f"<h1>{esc(title)}</h1>")
     out.append(f'<div class="sub">checkpoint <code>{esc(data["checkpoint"] or "—")}</code> · '
                f'{esc(time.strftime("%Y-%m-%d %H:%M:%S"))} · files: '
                + " ".join(f'<a href="{esc(f)}">{esc(f)}</a>' for f in FILES if f != "report.html") + "</div>")
@@ -804,16 +780,7 @@ def render_html(result, data: dict | None = None) -> str:
     out.append(f'<div class="verdict {esc(verdict_word)}"><div class="word">{esc(verdict_word.upper())}</div>'
                f'<div><div>{esc(detail)}</div>{f"<ul>{reasons}</ul>" if reasons else ""}</div></div>')
     # cards
-    cards = []
-    for side in ("image", "text"):
-        v, c = data[f"{side}_embeds_max_abs"], data[f"{side}_embeds_cosine_min"]
-        ok = v is not None and v <= atol
-        cards.append(_card(f"{side} embeds max|Δ|", _fmt(v), f"cosine ≥ {_fmt(c, '.7f')} · atol {atol:g}",
-                           "good" if ok else "bad"))
-    t = data["temperature"]
-    cards.append(_card("temperature", f"{_fmt(t['hf'], '.6g')}",
-                       f"checkpoint {_fmt(t['checkpoint'], '.6g')} · hf {_fmt(t['hf'], '.6g')}",
-                       "good" if t["match"] else "bad"))
+    cards = [_card(*card) for card in result.parity.cards(data)]
     cov = data["coverage"]
     if cov:
         full = (cov["hf_tensors_written"] == cov["hf_tensors_total"]
@@ -838,7 +805,7 @@ def render_html(result, data: dict | None = None) -> str:
         fault = info["first_local_divergence"]
         marked = fault or info["first_accumulated_divergence"]
         c = info["layer_statuses"]
-        title = TOWER_TITLES.get(tower, f"{tower} tower")
+        title = part_titles.get(tower, tower)
         badge = "diverged" if c["diverged"] else ("amplified" if c["amplified"] else "ok")
         out.append(f'<section id="{esc(tower)}"><h2>{esc(title)} {_badge(badge)}</h2>')
         out.append(f'<div class="meta">{info["layers"]} layers: {c["ok"]} ok, {c["amplified"]} amplified, '

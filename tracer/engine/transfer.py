@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from tracer.errors import BadInputError, ConversionError
-from tracer.families.align.hf import StateWriter
+from tracer.engine.state import StateWriter
 from tracer.engine.mapping import Entry, WeightMap
 from tracer.progress import progress
 from tracer.engine.transforms import get_transform
@@ -46,12 +46,18 @@ def tensor_checksum(array: np.ndarray) -> str:
     return f"{crc:08x}"
 
 
+def _family(target: str) -> str:
+    """How the help names a checkpoint of `target` (an HF class name)."""
+    return "coyo-align ALIGN" if target == "AlignModel" else f"{target}-style"
+
+
 def transfer(
     read: Callable[[str], np.ndarray],
     checkpoint_names: list[str],
     weight_map: WeightMap,
     hf_model: torch.nn.Module | StateWriter,
     allow_nonfinite: bool = False,
+    target: str = "AlignModel",
 ) -> Coverage | None:
     """Write the checkpoint weights `weight_map` names into the HF model, reading each tensor once.
 
@@ -61,9 +67,10 @@ def transfer(
     """
     if weight_map.unmatched:
         raise ConversionError(
-            f"{len(weight_map.unmatched)} checkpoint weight(s) have no place in AlignModel: "
-            f"{weight_map.unmatched[:20]}; the checkpoint holds weights ALIGN does not have (is it a coyo-align "
-            "ALIGN checkpoint?), or your --mapping_file lacks them: add them to it, or run with --trace to infer them"
+            f"{len(weight_map.unmatched)} checkpoint weight(s) have no place in {target}: "
+            f"{weight_map.unmatched[:20]}; the checkpoint holds weights {target} does not have (is it a "
+            f"{_family(target)} checkpoint?), or your --mapping_file lacks them: add them to it, or run with --trace "
+            "to infer them"
         )
     writer = hf_model if isinstance(hf_model, StateWriter) else StateWriter(hf_model)
     nonfinite, tensors = [], {}
@@ -79,9 +86,9 @@ def transfer(
         if tuple(value.shape) != tuple(needed):
             keras_needed = transform.inverse(np.empty(needed, array.dtype)).shape
             raise ConversionError(
-                f"`{entry.variable}`: checkpoint shape {array.shape}, but the ALIGN derived from the checkpoint's other "
+                f"`{entry.variable}`: checkpoint shape {array.shape}, but the {target} derived from the checkpoint's other "
                 f"variables needs {keras_needed} (as `{entry.parameter}` {tuple(needed)}); the checkpoint's layers "
-                "do not fit one ALIGN configuration, so it cannot be converted (was it edited or assembled from "
+                f"do not fit one {target} configuration, so it cannot be converted (was it edited or assembled from "
                 "several models?)")
         entry.hf_shape = tuple(value.shape)
         entry.keras_checksum = tensor_checksum(array)

@@ -1,4 +1,4 @@
-"""Read original ALIGN checkpoints (TF2 object-based or Keras 2 HDF5) without any model code.
+"""Read TF/Keras checkpoints (TF2 object-based, TF1 name-based, Keras 2 and transformers HDF5) without model code.
 
 `open_checkpoint(path)` lists every serialized tensor as a `Variable` (its own variable name, where it is stored,
 shape, dtype, role) and reads one weight at a time from disk on demand; nothing loads the whole file.
@@ -11,10 +11,20 @@ Formats
   node's ``full_name`` attribute is the variable's name without ``:0``; its ``checkpoint_key`` is where it is stored.
   This module reads these files itself (the index table, the few protobuf messages involved, each tensor's bytes
   checked against its CRC32C), so listing and reading never import TensorFlow.
+* TF1 name-based checkpoint (``tf.compat.v1.train.Saver``: google-research BERT's ``bert_model.ckpt``), opened with
+  ``open_checkpoint(path, name_based=True)``: a bundle without an object graph, whose keys are the variables' own
+  names. ``format`` is ``"tf1"`` (object-based bundles keep ``"tf"``).
 * Keras 2 HDF5 weights (``model.save_weights("x.h5")``): one group per layer of ``model.layers`` whose
   ``weight_names`` attribute names its datasets, plus a ``top_level_model_weights`` group holding the variables the
   model owns directly (ALIGN's bare ``tf.Variable`` temperature lands there as ``Variable:0``). A whole-model
   ``model.save("x.h5")`` file nests that under ``model_weights`` and may add ``optimizer_weights``.
+  transformers 4's ``tf_model.h5`` is such a file (``TFPreTrainedModel.save_pretrained`` calls ``save_weights``):
+  one group per top-level layer (``bert``, ``mlm___cls``, ``classifier``), names with the model's scope
+  (``tf_bert_model/bert/encoder/layer_._0/attention/self/query/kernel``). A layer that holds another layer's
+  variable (``mlm___cls`` keeps the word embeddings for its tied decoder) lists it again in its own group: a
+  name listed in several groups, exactly one of which it names as a path component (``.../bert/...`` in group
+  ``bert``), is that group's weight and the other copies are set aside (role ``"other"``). One shard of a sharded
+  ``tf_model-0000i-of-0000N.h5`` lists datasets, not groups, in ``layer_names``: each is one weight.
 
 Roles (how a variable is decided to be a model weight or set aside)
 -------------------------------------------------------------------
@@ -36,6 +46,11 @@ TF checkpoints are classified from the object graph's structure, not from names:
   variables of Keras >= 2.11 under ``optimizer/_variables/N``, legacy slots) or ``"metric"``.
 * attributes that are not variables (``VARIABLE_VALUE``), e.g. Python state or lookup tables, get role
   ``"other"`` and are set aside as well.
+
+TF1 name-based checkpoints have no structure to go by, so their bookkeeping is told by name: optimizer slots
+(``<variable>/adam_m``, ``/adam_v``, ``/Adam``, ``/Adam_1``, ``/Momentum``, ``/RMSProp*``, any name with
+``AdamWeightDecayOptimizer`` or ``LAMB``; ``beta1_power``...) are ``"optimizer"``; step counters, learning rates
+and loss scales (``global_step``, ``learning_rate``, ...) and non-numeric tensors are ``"other"``. Neither is read.
 
 HDF5 weights files written by tf_keras ``save_weights`` hold neither optimizer nor metric state (``model.layers``
 excludes metrics; ``top_level_model_weights`` holds only the model's own trainable/non-trainable variables); only
@@ -177,12 +192,14 @@ def resolve_path(path: str | os.PathLike) -> tuple[str, str]:
     return _resolve(Path(os.fspath(path)).expanduser())
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a TF object-based checkpoint or a Keras 2 HDF5 weights file; see the module docstring."""
+def open_checkpoint(path: str | os.PathLike, name_based: bool = False) -> Checkpoint:
+    """Open a TF object-based checkpoint or a Keras 2 HDF5 weights file; see the module docstring. With
+    `name_based`, a TF1 name-based bundle (no object graph) is read too, by its keys; without, it is refused (an
+    ALIGN run wants the object graph's names)."""
     kind, resolved = _resolve(Path(os.fspath(path)).expanduser())
     if kind == "h5":
         return _open_h5(resolved)
-    return _open_tf(resolved)
+    return _open_tf(resolved, name_based)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -583,16 +600,21 @@ class _TFBackend:
             handle.close()
 
 
-def _open_tf(prefix: str) -> Checkpoint:
+def _open_tf(prefix: str, name_based: bool = False) -> Checkpoint:
     index = Path(prefix + ".index")
     if not index.is_file():
         raise BadInputError(f"{prefix}: no index file {index}; {_SAVE_HINT}")
     bundle = _read_bundle_index(index)
     _check_shards(prefix, index, bundle)
     if _GRAPH_KEY not in bundle.entries:
+        if name_based:
+            variables = [_make_variable(key, entry, _tf1_role(key, entry)) for key, entry in bundle.entries.items()]
+            variables.sort(key=lambda v: (v.name, v.key))
+            return Checkpoint(prefix, "tf1", variables, _TFBackend(prefix, bundle))
         raise BadInputError(
             f"{prefix} is a name-based (TF1 Saver) checkpoint without an object graph; save the model with "
-            f"TF2 model.save_weights(prefix) or tf.train.Checkpoint"
+            f"TF2 model.save_weights(prefix) or tf.train.Checkpoint (a family that takes TF1 checkpoints, BERT's, "
+            f"opens it with open_checkpoint(path, name_based=True))"
         )
     backend = _TFBackend(prefix, bundle)
     try:
@@ -636,6 +658,24 @@ def _tf_variables(prefix: str, raw_graph: bytes, entries: dict[str, _Entry]) -> 
             variables.append(_make_variable(_name_from_key(key), entry, _role_from_key(key)))
     variables.sort(key=lambda v: (v.name, v.key))
     return variables
+
+
+# TF1 optimizer slots and bookkeeping, by name (a name-based bundle has nothing else to go by).
+_TF1_SLOT = re.compile(
+    r"(?:^|/)(?:adam_[mv]|Adam(?:_\d+)?|Momentum|RMSProp(?:_\d+)?|Adagrad|Adadelta(?:_\d+)?|Ftrl(?:_\d+)?|"
+    r"ExponentialMovingAverage)$|AdamWeightDecayOptimizer|LAMB|(?:^|/)(?:beta[12]_power)$"
+)
+_TF1_BOOKKEEPING = re.compile(
+    r"(?:^|/)(?:global_step|learning_rate|lr|loss_scale|good_steps|current_loss_scale|iterations?|step)$"
+)
+
+
+def _tf1_role(key: str, entry: _Entry) -> str:
+    if _TF1_SLOT.search(key):
+        return "optimizer"
+    if _TF1_BOOKKEEPING.search(key) or entry.dtype == _DT_STRING:
+        return "other"
+    return "weight"
 
 
 def _make_variable(name: str, entry: _Entry, role: str) -> Variable:
@@ -903,11 +943,45 @@ def _h5_variables(path: str, handle: Any) -> list[Variable]:
         groups = [n for n in layer_names if n in root]
         groups += sorted(n for n in root if n not in layer_names and _h5_names(root[n], "weight_names") is not None)
         for group_name in groups:
-            variables.extend(_h5_group_variables(path, root[group_name], role))
+            item = root[group_name]
+            if isinstance(item, h5py.Dataset):  # a transformers shard: layer_names lists the weights themselves
+                variables.append(Variable(name=_strip_suffix(group_name), key=item.name, shape=tuple(item.shape),
+                                          dtype=item.dtype.name, role=role))
+            else:
+                variables.extend(_h5_group_variables(path, item, role))
+    variables = _resolve_shared(variables)
     if "optimizer_weights" in handle:
         variables.extend(_h5_group_variables(path, handle["optimizer_weights"], "optimizer"))
     variables.sort(key=lambda v: (v.name, v.key))
     return variables
+
+
+def _resolve_shared(variables: list[Variable]) -> list[Variable]:
+    """A weight name listed by several layer groups is one variable that several layers track (transformers'
+    `mlm___cls` keeps the word embeddings of its tied decoder). When exactly one of those groups is named by a path
+    component of the weight's name, that copy is the weight and the others are set aside as "other"; otherwise the
+    names stay duplicated (and `Checkpoint` refuses them)."""
+    by_name: dict[str, list[Variable]] = {}
+    for var in variables:
+        if var.role == "weight":
+            by_name.setdefault(var.name, []).append(var)
+    demoted: set[str] = set()
+    for name, copies in by_name.items():
+        if len(copies) < 2:
+            continue
+        parts = set(name.split("/")[:-1])
+        owners = [v for v in copies if _h5_group_of(v.key) in parts]
+        if len(owners) == 1:
+            demoted.update(v.key for v in copies if v is not owners[0])
+    return [Variable(v.name, v.key, v.shape, v.dtype, "other") if v.key in demoted else v for v in variables]
+
+
+def _h5_group_of(key: str) -> str:
+    """The layer group a dataset path lies in: `/bert/tf_bert_model/...` -> `bert` (under `model_weights` too)."""
+    parts = key.strip("/").split("/")
+    if parts and parts[0] == "model_weights":
+        parts = parts[1:]
+    return parts[0] if parts else ""
 
 
 def _h5_group_variables(path: str, group: Any, role: str) -> list[Variable]:

@@ -5,7 +5,6 @@ Both recorders emit post-order (a container after its children), so the two sequ
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,50 +13,22 @@ import numpy as np
 # Records hold read-only views of TF tensors; torch reads them without writing (comparisons, module re-runs).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-TOWERS = ("vision", "text")
-FEATURES = {"vision": "image_features", "text": "text_features"}  # each tower's output, as AlignModel names it
-PROBE_IMAGE_SIZE = 65  # the probe run's image side: call order and kinds do not depend on it (5 stride-2 steps: 65 -> 3)
-
-# Class name -> normalised kind. Kinds are what pairing compares; classes not listed are containers.
-LEAF_KINDS = {
-    # Keras
-    "Conv2D": "conv", "DepthwiseConv2D": "depthwise", "BatchNormalization": "batchnorm", "Dense": "linear",
-    "LayerNormalization": "layernorm", "Embedding": "embedding", "Activation": "activation",
-    "ZeroPadding2D": "pad", "Rescaling": "rescale", "Normalization": "rescale", "Dropout": "dropout",
-    "Reshape": "reshape", "Add": "add", "Multiply": "multiply", "GlobalAveragePooling2D": "pool",
-    "InputLayer": "input", "TFOpLambda": "op", "SlicingOpLambda": "op",
-    # PyTorch
-    "Conv2d": "conv", "AlignVisionDepthwiseConv2d": "depthwise", "BatchNorm2d": "batchnorm", "Linear": "linear",
-    "LayerNorm": "layernorm", "ZeroPad2d": "pad", "AdaptiveAvgPool2d": "pool", "AvgPool2d": "pool",
-    "SiLU": "activation", "Sigmoid": "activation", "Tanh": "activation", "GELUActivation": "activation",
-    "GELU": "activation", "NewGELUActivation": "activation", "ReLU": "activation",
-}
 # Kinds that compute nothing worth pairing, or whose work the other framework does elsewhere.
-GAP_KINDS = {"dropout", "reshape", "add", "multiply", "rescale", "input", "op", "container"}
+GAP_KINDS = {"dropout", "reshape", "add", "multiply", "concat", "rescale", "input", "op", "container"}
 # The layer settings a Record keeps in `config` (Keras `get_config()` names; torch attributes are renamed to these).
 CONFIG_KEYS = ("epsilon", "padding", "strides", "kernel_size", "dilation_rate", "activation", "scale", "offset",
                "approximate")
 WEIGHTED_KINDS = {"conv", "depthwise", "batchnorm", "linear", "layernorm", "embedding"}
-_CLASS_PREFIXES = re.compile(r"^(TFBert|AlignText|AlignVision|Align|TF)")
-
-
-def kind_of(class_name: str) -> str:
-    return LEAF_KINDS.get(class_name, "container")
-
-
-def role_of(class_name: str) -> str:
-    """A container's role across frameworks: `TFBertSelfOutput` and `AlignTextSelfOutput` are both `SelfOutput`."""
-    return _CLASS_PREFIXES.sub("", class_name)
 
 
 @dataclass
 class Record:
     framework: str  # "keras" | "torch"
-    tower: str  # "vision" | "text"
-    order: int  # execution order within the tower
+    tower: str  # the part of the model it belongs to (ALIGN: "vision" | "text"; a single-part model: "model")
+    order: int  # execution order within the part
     path: str  # Keras layer path, or torch module name
     cls: str  # class name
-    kind: str  # normalised kind (see LEAF_KINDS), "container" otherwise
+    kind: str  # the kind both frameworks share (`kinds.keras_kind` / `kinds.torch_kind`), "container" otherwise
     shape: tuple[int, ...]  # first output's shape, in the framework's own layout
     dtype: str
     variables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # own weights: name -> shape
@@ -65,6 +36,7 @@ class Record:
     role: str = ""  # container role ("Layer", "SelfOutput", "block"); leaves use their kind
     output: np.ndarray | None = field(default=None, repr=False)
     input: np.ndarray | None = field(default=None, repr=False)  # the first tensor the layer received (Keras)
+    input_shape: tuple[int, ...] = ()  # that tensor's shape (both sides: it tells a layer's input layout)
     inputs: tuple = field(default=(), repr=False)  # every positional tensor it received
     input_kwargs: dict = field(default_factory=dict, repr=False)  # tensors it received by name (attention_mask)
     module: object = field(default=None, repr=False, compare=False)  # the torch module, to re-run it locally
@@ -79,22 +51,26 @@ class Record:
     def is_container(self) -> bool:
         return self.kind == "container"
 
-    @property
-    def channels_first(self) -> bool:
-        return self.framework == "torch" and len(self.shape) == 4
+
+def nchw_to_nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 4-D shape read as NCHW, in NHWC order (other ranks as they are)."""
+    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
 
 
-def largest_output(records: list[Record], tower: str, image_size: int) -> float:
-    """Elements per example of the largest output among a probe run's `records`, in a run on `image_size` pixel
-    images: a vision activation grows with the image's area, a text one does not."""
-    largest = max((int(np.prod(r.shape[1:])) for r in records if r.shape), default=1)
-    return largest * ((image_size / PROBE_IMAGE_SIZE) ** 2 if tower == "vision" else 1.0)
+def squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape without its batch axis and its singleton axes (Keras pools to (N, C) where torch keeps (N, C, 1, 1);
+    a recording may use a smaller batch)."""
+    return tuple(d for d in shape[1:] if d != 1)
 
 
-def nhwc_shape(record: Record) -> tuple[int, ...]:
-    """The record's output shape in Keras (channels-last) layout."""
-    s = record.shape
-    return (s[0], s[2], s[3], s[1]) if record.channels_first else s
+def output_layout(keras_shape: tuple[int, ...], torch_shape: tuple[int, ...], prefer_nchw: bool = False) -> str | None:
+    """How the torch output is laid out against the Keras one: `same`, `nchw` (torch NCHW where Keras is NHWC),
+    or None when the shapes do not correspond. Where both readings fit (H = W = C), `prefer_nchw` decides."""
+    same = squeezed(keras_shape) == squeezed(torch_shape)
+    nchw = len(torch_shape) == 4 and squeezed(keras_shape) == squeezed(nchw_to_nhwc(torch_shape))
+    if same and nchw:
+        return "nchw" if prefer_nchw else "same"
+    return "same" if same else "nchw" if nchw else None
 
 
 def first_tensor(value):

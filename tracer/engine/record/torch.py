@@ -1,4 +1,4 @@
-"""Record every module call of an `AlignModel` (leaves and containers) with forward hooks."""
+"""Record every module call of any `torch.nn.Module` (leaves and containers) with forward hooks."""
 
 from __future__ import annotations
 
@@ -8,25 +8,8 @@ from typing import Callable
 
 import torch
 
-from tracer.engine.record import Record, first_tensor, kind_of, role_of, to_numpy
-
-ACTIVATION_NAMES = {"SiLU": "swish", "Sigmoid": "sigmoid", "Tanh": "tanh", "GELUActivation": "gelu",
-                    "GELU": "gelu", "NewGELUActivation": "gelu_new", "ReLU": "relu"}
-
-
-def tower_of(name: str) -> str | None:
-    if name.startswith("vision_model"):
-        return "vision"
-    if name.startswith(("text_model", "text_projection")):
-        return "text"
-    return None
-
-
-def _kind(module: torch.nn.Module) -> str:
-    kind = kind_of(type(module).__name__)
-    if kind == "conv" and module.groups > 1 and module.groups == module.in_channels:
-        return "depthwise"
-    return kind
+from tracer.engine.record import Record, first_tensor, to_numpy
+from tracer.engine.record.kinds import generic_role, torch_activation, torch_kind
 
 
 def _own_tensors(name: str, module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -35,13 +18,15 @@ def _own_tensors(name: str, module: torch.nn.Module) -> dict[str, tuple[int, ...
     return {f"{name}.{k}": tuple(t.shape) for k, t in own.items() if not k.endswith("num_batches_tracked")}
 
 
+_CONFIG_NAMES = {"eps": "epsilon", "padding": "padding", "stride": "strides", "kernel_size": "kernel_size",
+                 "dilation": "dilation_rate", "approximate": "approximate"}
+
+
 def _config(module: torch.nn.Module) -> dict:
     """The module's settings under the Keras names of record.CONFIG_KEYS (eps -> epsilon, stride -> strides)."""
-    names = {"eps": "epsilon", "padding": "padding", "stride": "strides", "kernel_size": "kernel_size",
-             "dilation": "dilation_rate", "approximate": "approximate"}
-    config = {key: getattr(module, attr) for attr, key in names.items() if hasattr(module, attr)}
-    if type(module).__name__ in ACTIVATION_NAMES:
-        config["activation"] = ACTIVATION_NAMES[type(module).__name__]
+    config = {key: getattr(module, attr) for attr, key in _CONFIG_NAMES.items() if hasattr(module, attr)}
+    if (activation := torch_activation(module)) is not None:
+        config["activation"] = activation
     return config
 
 
@@ -58,38 +43,49 @@ def paused():
         _local.paused = False
 
 
+def whole_model(name: str) -> str:
+    """Every module belongs to the one part of a single-part model."""
+    return "model"
+
+
 @contextmanager
-def recording(model: torch.nn.Module, keep_outputs: bool = True, sink: Callable[[Record], None] | None = None):
-    """Within the block, every module call of `model` appends a Record to the yielded list; `sink`, when given,
-    gets each record as soon as it is made (and may drop its arrays once done with them)."""
+def recording(model: torch.nn.Module, keep_outputs: bool = True, sink: Callable[[Record], None] | None = None,
+              part_of: Callable[[str], str | None] = whole_model):
+    """Within the block, every module call of `model` (not the root itself) appends a Record to the yielded list;
+    `sink`, when given, gets each record as soon as it is made (and may drop its arrays once done with them).
+    `part_of(module name)`: the part a module belongs to, or None to leave it out (ALIGN: its towers)."""
     records: list[Record] = []
     counters: dict[str, int] = {}
+    static = {}  # per module: what does not change from call to call
 
     def hook(module, args, output, name):
-        tower = tower_of(name)
+        part = part_of(name)
         tensor = first_tensor(output)
-        if tower is None or tensor is None or getattr(_local, "paused", False):
+        if part is None or tensor is None or getattr(_local, "paused", False):
             return
-        cls = type(module).__name__
-        kind = _kind(module)
+        if name not in static:
+            kind = torch_kind(module)
+            cls = type(module).__name__
+            static[name] = (cls, kind, _own_tensors(name, module), torch_activation(module),
+                            generic_role(cls) if kind == "container" else kind, _config(module))
+        cls, kind, variables, activation, role, config = static[name]
+        received = first_tensor(args)
+        order = counters.setdefault(part, 0)
         record = Record(
-            framework="torch", tower=tower, order=counters.setdefault(tower, 0), path=name, cls=cls, kind=kind,
+            framework="torch", tower=part, order=order, path=name, cls=cls, kind=kind,
             shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
-            variables=_own_tensors(name, module),
-            activation=ACTIVATION_NAMES.get(cls), role=role_of(cls) if kind == "container" else kind,
+            variables=dict(variables), activation=activation, role=role,
             output=to_numpy(tensor) if keep_outputs and not tensor.is_meta else None,  # no module writes its output later
-            # What the tower's first layer received (the pixels, after the processor): kept for that layer only.
-            input=_first_input(args) if keep_outputs and counters.get(tower, 0) == 0 else None,
-            module=module, config=_config(module),
+            # What the part's first layer received (the pixels, after the processor): kept for that layer only.
+            input=(to_numpy(received) if keep_outputs and order == 0 and received is not None and not received.is_meta
+                   else None),
+            input_shape=tuple(received.shape) if received is not None else (),
+            module=module, config=config,
         )
-        counters[tower] += 1
+        counters[part] += 1
         records.append(record)
         if sink is not None:
             sink(record)
-
-    def _first_input(args):
-        tensor = first_tensor(args)
-        return to_numpy(tensor) if tensor is not None and not tensor.is_meta else None
 
     handles = [m.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n))
                for name, m in model.named_modules() if name]
@@ -98,14 +94,3 @@ def recording(model: torch.nn.Module, keep_outputs: bool = True, sink: Callable[
     finally:
         for h in handles:
             h.remove()
-
-
-def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True,
-                 sink: Callable[[Record], None] | None = None, towers=("vision", "text")) -> tuple[list[Record], dict]:
-    """One forward per tower, as `AlignModel.forward` computes them: records for the towers, and the towers'
-    features (`image_features`, `text_features`, numpy) so no second forward is needed."""
-    from tracer.families.align.hf import tower_features
-
-    with recording(model, keep_outputs, sink) as records:
-        features = tower_features(model, inputs, towers)
-    return records, {k: to_numpy(v) for k, v in features.items()}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Union
@@ -34,7 +33,8 @@ import tensorflow as tf
 import tf_keras
 
 from tracer.errors import BadInputError, ConversionError
-from tracer.engine.record import PROBE_IMAGE_SIZE, TOWERS
+from tracer.engine.record.keras import Hook, HookSlot, intercept
+from tracer.families.align.towers import PROBE_IMAGE_SIZE, TOWERS
 from tracer.families.align.spec import AlignSpec
 from tracer.families.align.keras_ref.bert import TFBertModel
 from tracer.families.align.keras_ref.efficientnet import efficientnet_features, model_name
@@ -45,9 +45,6 @@ __all__ = ["Container", "EagerLayers", "EagerReference", "Hook", "PROBE_IMAGE_SI
 VISION_PATH = "vision_encoder"  # coyo's tower model names: the first part of every layer path
 TEXT_PATH = "text_encoder"
 
-# hook(layer, path, inputs, kwargs, output): `inputs` are the tensors the layer got positionally (a merge layer's
-# list is spread out), `kwargs` the tensors it got by name; `output` is what it returned.
-Hook = Callable[[object, str, tuple, dict, object], None]
 ValueSource = Union[Mapping[str, np.ndarray], Callable[[str], np.ndarray]]
 
 
@@ -67,22 +64,12 @@ class Container:
         return []
 
 
-class _HookSlot:
-    """The hook of the call in progress (None: no hook). Layers' wrappers point here, not at the reference, so no
-    reference cycle keeps a released tower alive."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self):
-        self.fn: Hook | None = None
-
-
 class _Call:
     """Calls one layer in inference (`training=False` where its `call` takes it) and reports to the hook."""
 
     __slots__ = ("layer", "path", "slot", "training")
 
-    def __init__(self, layer, path: str, slot: _HookSlot):
+    def __init__(self, layer, path: str, slot: HookSlot):
         self.layer, self.path, self.slot = layer, path, slot
         self.training = bool(layer._expects_training_arg)
 
@@ -106,7 +93,7 @@ class EagerLayers:
     first call and returns the same (wrapped) layer on later ones; `end_block` reports each block as a container
     right after its last layer."""
 
-    def __init__(self, prefix: str, slot: _HookSlot):
+    def __init__(self, prefix: str, slot: HookSlot):
         self.prefix, self.slot = prefix, slot
         self.calls: dict[str, _Call] = {}
         self.blocks: dict[str, Container] = {}
@@ -131,26 +118,6 @@ class EagerLayers:
     @property
     def layers(self) -> list:
         return [c.layer for c in self.calls.values()]
-
-
-def _wrap_calls(layer, path: str, slot: _HookSlot) -> None:
-    """Make every layer nested in the subclassed `layer` report its calls (post-order) to `slot`'s hook: the first
-    tensor argument as `inputs`, the other tensor arguments by name as `kwargs`."""
-    for child in layer._flatten_layers(include_self=False, recursive=False):
-        child_path = f"{path}/{child.name}"
-        original = child.call
-        signature = inspect.signature(original)
-
-        def call(*args, __orig=original, __sig=signature, __layer=child, __path=child_path, **kwargs):
-            out = __orig(*args, **kwargs)
-            hook = slot.fn
-            if hook is not None:
-                tensors = [(k, v) for k, v in __sig.bind_partial(*args, **kwargs).arguments.items() if tf.is_tensor(v)]
-                hook(__layer, __path, tuple(v for _, v in tensors[:1]), dict(tensors[1:]), out)
-            return out
-
-        object.__setattr__(child, "call", call)  # an instance attribute: Keras' tracking never sees it
-        _wrap_calls(child, child_path, slot)
 
 
 def _expected_shape(kwargs: dict) -> tuple[int, ...]:
@@ -178,7 +145,7 @@ class EagerReference:
         self.spec = spec
         self._fetch = values.__getitem__ if isinstance(values, Mapping) else values
         self.consumed: list[str] = []
-        self._slot = _HookSlot()
+        self._slot = HookSlot()
         self._variables: dict[str, dict[str, tf.Variable]] = {t: {} for t in TOWERS}
         self._vision: EagerLayers | None = None
         self._vision_model: Container | None = None
@@ -322,7 +289,7 @@ class EagerReference:
                                 f"{tuple(types.shape)} must all be (batch, seq)")
         if self._bert is None:
             self._bert = TFBertModel(self.spec.text)
-            _wrap_calls(self._bert, f"{TEXT_PATH}/{self._bert.name}", self._slot)
+            intercept(self._bert, f"{TEXT_PATH}/{self._bert.name}", self._slot)
             name = self.spec.projection_name
             dense = tf_keras.layers.Dense(self.spec.embed_dim, dtype=tf.float32, name=name)
             self._projection = _Call(dense, f"{TEXT_PATH}/{name}", self._slot)

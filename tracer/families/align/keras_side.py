@@ -27,7 +27,8 @@ import numpy as np
 
 from tracer import errors
 from tracer.families.align.inputs import Inputs
-from tracer.engine.record import PROBE_IMAGE_SIZE, Record, largest_output
+from tracer.engine.record import Record
+from tracer.families.align.towers import PROBE_IMAGE_SIZE, largest_output
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class LocalKeras:
     def probe(self, tower: str) -> tuple[list[Record], list[str]]:
         """Build `tower` (weights straight from the checkpoint) and record its call order on the probe input;
         returns the records (no arrays) and the names of the tower's variables."""
-        from tracer.engine.record.keras import record_keras
+        from tracer.families.align.record import record_keras
 
         records = record_keras(self.reference, probe_inputs(self.spec.text.seq_length), keep_outputs=False,
                                towers=(tower,))
@@ -70,7 +71,7 @@ class LocalKeras:
             keep: Callable[[int], bool] | None = None, then: str | None = None) -> list[Record]:
         """Run `tower` on `chunk`, each record handed to `sink` as it is made (its arrays are views: `wanted`,
         `keep` and `then` only matter across processes)."""
-        from tracer.engine.record.keras import record_keras
+        from tracer.families.align.record import record_keras
 
         return record_keras(self.reference, chunk, sink=sink, towers=(tower,))
 

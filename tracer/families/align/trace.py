@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tracer.families.align import hf as hf_side
-from tracer.engine.compare import Measured, layer_rows, max_abs, with_embeds
+from tracer.engine.compare import Measured, layer_rows, max_abs
+from tracer.families.align.parity import with_embeds
+from tracer.families.align.blocks import align_blocks
 from tracer.engine.mapping import Entry, WeightMap
 from tracer.memory import trim
 from tracer.engine.pairing import Pair, pair_records
 from tracer.progress import progress, stage
-from tracer.engine.record import FEATURES, TOWERS, Record, largest_output
-from tracer.engine.record.torch import tower_of
+from tracer.engine.record import Record
+from tracer.families.align.towers import FEATURES, TOWERS, largest_output, tower_of
 from tracer.engine.transfer import Coverage, coverage_of, transfer
 
 
@@ -79,7 +81,7 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
     `options.activation_budget_mb` and one Keras tower is alive at a time. `keras`: where the Keras reference
     runs (a `keras_side.KerasProcess` the caller started early); by default in this process."""
     from tracer.engine.infer import infer_mapping, reconcile
-    from tracer.keras_side import LocalKeras
+    from tracer.families.align.keras_side import LocalKeras
 
     keras = keras or LocalKeras(spec, checkpoint.read)
     writer = hf_side.StateWriter(hf_model)
@@ -119,8 +121,8 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
 
 def _probe_hf(hf_model, writer, tower, spec) -> list[Record]:
     """The HF tower's call order on the probe input, its modules zeroed until the weights arrive."""
-    from tracer.keras_side import probe_inputs
-    from tracer.engine.record.torch import record_torch
+    from tracer.families.align.keras_side import probe_inputs
+    from tracer.families.align.record import record_torch
 
     for module in hf_side.tower_modules(hf_model, tower):
         hf_side.materialize_uninitialized(module)
@@ -184,7 +186,7 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
         record.shape = (total, *record.shape[1:]) if record.shape else record.shape
     by_probe_pair = dict(zip(map(id, paired), measured))
     tower_pairs = _final_pairs(pairs, keras_records, torch_records, by_probe_pair)
-    rows = layer_rows(tower_pairs, weight_map.entries, spec.vision.block_names())
+    rows = layer_rows(tower_pairs, weight_map.entries, align_blocks(spec.vision.block_names()))
     needed = None if keep_activations else {"keras": set(), "torch": set()}
     features = {side: np.concatenate(v) for side, v in outputs.items()}
     embeds = {side: with_embeds({name: f})[name.replace("features", "embeds")] for side, f in features.items()}
@@ -207,7 +209,7 @@ def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_p
               then=None):
     """One chunk of one tower through both models side by side; adds each pair's metrics to `measured`."""
     from tracer.engine.lockstep import Lockstep
-    from tracer.engine.record.torch import record_torch
+    from tracer.families.align.record import record_torch
 
     k_order = {id(r): i for i, r in enumerate(keras_probe)}
     t_order = {id(r): i for i, r in enumerate(torch_probe)}

@@ -1,0 +1,356 @@
+"""`tracer.trace(keras_model, torch_model, inputs)`: any tf_keras model against any torch module, in process.
+
+Both models run once on one example to learn their call order (the probe), their layers are paired, the weight
+mapping is inferred (or taken from a table) and the Keras weights copied; then both run side by side on every
+example, in chunks that keep activation memory within `activation_budget_mb`, each paired layer compared as soon as
+both outputs exist. The result is a `Run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tracer.engine.compare import Measured, layer_rows, module_block
+from tracer.engine.infer import infer_mapping, reconcile
+from tracer.engine.lockstep import Lockstep
+from tracer.engine.mapping import Entry, WeightMap, map_by_file, read_mapping
+from tracer.engine.outputs import compare_outputs, flatten
+from tracer.engine.pairing import Pair, pair_records
+from tracer.engine.run import Run
+from tracer.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+
+WORKING_SET = 8  # arrays of a layer's size alive at once while a pair is compared (both sides, inputs, re-run, diff)
+DEFAULT_BUDGET_MB = 512
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _numpy_tree(value):
+    """Inputs as numpy, keeping their structure (an array, a list/tuple or a dict of arrays)."""
+    if isinstance(value, dict):
+        return {k: _numpy_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_numpy_tree(v) for v in value)
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [a for v in tree for a in _leaves(v)]
+    return [tree]
+
+
+def _select(tree, part: slice):
+    if isinstance(tree, dict):
+        return {k: _select(v, part) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_select(v, part) for v in tree)
+    return tree[part]
+
+
+def _batch(tree, what: str) -> int:
+    sizes = {a.shape[0] for a in _leaves(tree) if a.ndim}
+    if len(sizes) != 1:
+        raise BadInputError(f"the {what} must share one batch size on their first axis; got batch sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def torch_inputs_from_keras(tree):
+    """The torch side of Keras inputs: 4-D float arrays become NCHW float32, integer arrays int64, other floats
+    float32; a dict stays a dict (keyword arguments), a list stays a list (positional)."""
+    if isinstance(tree, dict):
+        return {k: torch_inputs_from_keras(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(torch_inputs_from_keras(v) for v in tree)
+    a = np.asarray(tree)
+    if a.dtype.kind in "iub":
+        return a.astype(np.int64)
+    a = a.astype(np.float32, copy=False)
+    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2))) if a.ndim == 4 else a
+
+
+def _torch_call(tree) -> tuple[tuple, dict]:
+    import torch
+
+    def tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    if isinstance(tree, dict):
+        return (), {k: tensor(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return tuple(tensor(v) for v in tree), {}
+    return (tensor(tree),), {}
+
+
+def _keras_call(tree):
+    if isinstance(tree, (list, tuple)):
+        return list(tree)
+    return tree
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _run_keras(model, inputs, keep, sink=None):
+    from tracer.engine.record.keras import recording
+
+    with recording(model, "model", keep, sink) as records:
+        try:
+            out = model(_keras_call(inputs), training=False)
+        except BadInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure here is the inputs not fitting the model
+            raise BadInputError(f"the Keras model rejects the inputs ({_first_line(exc)}); give `inputs` as the "
+                                "model takes them: an array, a list or a dict of arrays") from exc
+    return records, flatten(out)
+
+
+def _run_torch(model, inputs, keep, sink=None):
+    import torch
+
+    from tracer.engine.record.torch import recording
+
+    args, kwargs = _torch_call(inputs)
+    with recording(model, keep, sink) as records, torch.inference_mode():
+        try:
+            out = model(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise BadInputError(f"the torch model's forward fails on the inputs derived from the Keras inputs "
+                                f"({_first_line(exc)}); pass them yourself with `torch_inputs=` (a tensor, a tuple "
+                                "of positional tensors or a dict of keyword tensors)") from exc
+    return records, flatten(out)
+
+
+def keras_variables(model) -> dict:
+    """The Keras model's variables by name (without `:0`); two variables of one name are refused."""
+    found: dict = {}
+    for v in model.weights:
+        name = v.name.removesuffix(":0")
+        if name in found and found[name] is not v:
+            raise BadInputError(f"the Keras model has two variables named `{name}`: tracer maps weights by name; "
+                                "give its layers distinct names")
+        found[name] = v
+    return found
+
+
+def _fitting_transform(keras_shape: tuple, torch_shape: tuple) -> str:
+    """The layout transform that turns a Keras weight of this shape into the torch one (identity first)."""
+    from tracer.engine.transforms import TRANSFORMS
+
+    for t in TRANSFORMS.values():
+        if len(keras_shape) in t.keras_rank and t.shape(keras_shape) == tuple(torch_shape):
+            return t.name
+    raise BadInputError(f"no layout transform turns a Keras weight of shape {keras_shape} into {torch_shape}")
+
+
+def _table(mapping, shapes: dict, torch_shapes: dict) -> WeightMap | None:
+    if mapping is None or (isinstance(mapping, str) and mapping == "infer"):
+        return None
+    if isinstance(mapping, WeightMap):
+        return mapping
+    if isinstance(mapping, (str, Path)):
+        return map_by_file(shapes, read_mapping(mapping))
+    if isinstance(mapping, dict):  # {keras name: torch name}: the transform from the two shapes
+        unknown = [t for t in mapping.values() if t not in torch_shapes]
+        if unknown:
+            raise BadInputError(f"the mapping names torch tensors the model does not have: {unknown[:10]}")
+        entries = [Entry(k, t, _fitting_transform(shapes[k], torch_shapes[t]) if k in shapes else "identity", "file")
+                   for k, t in mapping.items()]
+        return map_by_file(shapes, entries)
+    if isinstance(mapping, (list, tuple)):
+        return map_by_file(shapes, list(mapping))
+    raise BadInputError(f"mapping must be 'infer', a mapping file, a dict or a WeightMap, not {type(mapping).__name__}")
+
+
+def _value_matches(entries: list[Entry], variables: dict, torch_model) -> None:
+    """With the torch model's own weights: set each entry's `equals` to the Keras weight(s) its parameter holds
+    (compared by checksum under every layout transform that fits), or "none"."""
+    from tracer.engine.transfer import tensor_checksum
+    from tracer.engine.transforms import TRANSFORMS
+
+    index: dict[str, list[str]] = {}
+    for name, v in variables.items():
+        value = np.asarray(v.numpy())
+        for t in TRANSFORMS.values():
+            if value.ndim in t.keras_rank:
+                index.setdefault(tensor_checksum(t(value)), []).append(f"{name} ({t.name})")
+    state = torch_model.state_dict()
+    for e in entries:
+        tensor = state.get(e.parameter)
+        if tensor is None:
+            continue
+        found = index.get(tensor_checksum(tensor.detach().cpu().numpy().astype(np.float32, copy=False)), [])
+        e.equals = "; ".join(dict.fromkeys(found)) or "none"
+        e.hf_shape = tuple(tensor.shape)
+
+
+def _final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair) -> list[Pair]:
+    """The probe's pairs with the run's records (real shapes, and arrays where kept) and their metrics."""
+    out = []
+    for p in pairs:
+        k = keras_records[p.keras.order] if p.keras is not None else None
+        t = torch_records[p.torch.order] if p.torch is not None else None
+        w = torch_records[p.torch_weights.order] if p.torch_weights is not None else None
+        out.append(Pair(p.tower, k, t, w, p.score, measured_by_probe_pair.get(id(p))))
+    return out
+
+
+def _needed(rows: list[dict], pairs: list[Pair], off: bool, window: int = 30) -> dict[str, set[int]]:
+    """Record orders whose arrays the diagnosis needs: around each row it explains, and the first layers."""
+    from tracer.engine.diagnose import target_rows
+
+    needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
+    by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
+    targets, _ = target_rows(rows, lambda part: off or any(r["status"] == "diverged" for r in rows))
+    for row in targets[:10]:
+        pair = by_path.get((row["keras_layer"], row["hf_module"]))
+        for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
+            if record is not None:
+                needed[side].update(range(max(0, record.order - window), record.order + 4))
+    return needed
+
+
+class _Side:
+    """Runs one chunk of both models side by side, comparing each paired layer as both outputs exist."""
+
+    def __init__(self, keras_model, torch_model, pairs, keras_probe, torch_probe):
+        self.keras_model, self.torch_model = keras_model, torch_model
+        self.pairs, self.paired = pairs, [p for p in pairs if p.paired]
+        k_order = {id(r): i for i, r in enumerate(keras_probe)}
+        t_order = {id(r): i for i, r in enumerate(torch_probe)}
+        self.index = [(k_order[id(p.keras)], t_order[id(p.torch)]) for p in self.paired]
+        self.expected = {"keras": [r.path for r in keras_probe], "torch": [r.path for r in torch_probe]}
+
+    def run(self, keras_in, torch_in, measured: list[Measured], keep=False):
+        def on_pair(i, k, t):
+            probe = self.paired[i]
+            weights = t if probe.torch_weights is probe.torch else probe.torch_weights
+            measured[i].add(Pair(probe.tower, k, t, weights))
+
+        step = Lockstep(self.index, self.expected, on_pair, keep=keep)
+        (keras_records, keras_out), (torch_records, torch_out) = step.run(
+            lambda: _run_keras(self.keras_model, keras_in, True, step.sink("keras")),
+            lambda: _run_torch(self.torch_model, torch_in, True, step.sink("torch")))
+        return keras_records, torch_records, keras_out, torch_out
+
+
+def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer", copy_weights: bool = True,
+          tolerances: dict | float | None = None, activation_budget_mb: float = DEFAULT_BUDGET_MB,
+          block_of: Callable | None = None, diagnose: bool = True, title: str = "tracer report") -> Run:
+    """Trace `keras_model` (any tf_keras model) against `torch_model` (any `torch.nn.Module`) on `inputs`.
+
+    `inputs`: what the Keras model takes (an array, a list or a dict of arrays, batch first). `torch_inputs`:
+    what the torch model takes, when it differs from the derived NCHW/int64 copy. `mapping`: "infer", a mapping
+    file (CSV/JSON), a `{keras name: torch name}` dict or a `WeightMap`. `copy_weights=False` keeps the torch
+    model's own weights and says which Keras weight each equals. `tolerances`: max|Δ| per model output (by the
+    Keras output's name, or one number for all). `block_of(pair)`: the report's block of a row (default: the
+    torch module tree)."""
+    import torch
+
+    from tracer.engine.diagnose import diagnose as run_diagnosis
+    from tracer.engine.record.keras import check_tf_keras
+    from tracer.engine.state import StateWriter, hf_shapes
+    from tracer.engine.transfer import transfer
+
+    check_tf_keras(keras_model)
+    if not isinstance(torch_model, torch.nn.Module):
+        raise BadInputError(f"expected a torch.nn.Module, got a {type(torch_model).__name__}")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    keras_in = _numpy_tree(inputs)
+    total = _batch(keras_in, "inputs")
+    torch_in = _numpy_tree(torch_inputs) if torch_inputs is not None else torch_inputs_from_keras(keras_in)
+    if _batch(torch_in, "torch inputs") != total:
+        raise BadInputError(f"`torch_inputs` has another batch size than `inputs` ({total})")
+    block_of = block_of or module_block
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        keras_probe, _ = _run_keras(keras_model, _select(keras_in, slice(0, 1)), False)
+        torch_probe, _ = _run_torch(torch_model, _select(torch_in, slice(0, 1)), False)
+        pairs = pair_records(keras_probe, torch_probe)
+        paired = [p for p in pairs if p.paired]
+        if not paired:
+            raise BadInputError(f"nothing in the two models pairs: no Keras layer ({len(keras_probe)} recorded) has "
+                                f"a torch module ({len(torch_probe)} recorded) of the same kind and output shape; "
+                                "are they the same architecture?")
+        timings["probe and pair"] = time.perf_counter() - started
+
+        variables = keras_variables(keras_model)
+        shapes = {n: tuple(v.shape) for n, v in variables.items()}
+        torch_shapes = hf_shapes(torch_model)
+        inference = infer_mapping(pairs, shapes, torch_shapes)
+        table = _table(mapping, shapes, torch_shapes)
+        weight_map, conflicts = reconcile(table, inference, "infer" if table is None else "table")
+        for e in weight_map.entries:
+            e.part = "model"
+        mapped = {e.variable for e in weight_map.entries}
+        preprocessing = {n for p in pairs if p.keras is not None and p.keras.kind == "rescale"
+                         for n in p.keras.variables}
+        unmapped = [n for n in shapes if n not in mapped and n not in preprocessing]
+        targets = {e.parameter for e in weight_map.entries}
+        unwritten = [n for n in torch_shapes if n not in targets]
+        if copy_weights:
+            writer = StateWriter(torch_model)
+            read = {n: (lambda v=v: np.asarray(v.numpy())) for n, v in variables.items()}
+            transfer(lambda name: read[name](), sorted(mapped), WeightMap(weight_map.entries), writer,
+                     allow_nonfinite=True, target=type(torch_model).__name__)
+        else:
+            _value_matches(weight_map.entries, variables, torch_model)
+        timings["mapping and copy"] = time.perf_counter() - started - sum(timings.values())
+
+        side = _Side(keras_model, torch_model, pairs, keras_probe, torch_probe)
+        largest = max((int(np.prod(r.shape[1:])) for r in keras_probe + torch_probe if r.shape), default=1)
+        step = max(1, int(activation_budget_mb * 2**20 // (largest * 4 * WORKING_SET)))
+        measured = [Measured() for _ in paired]
+        keras_out, torch_out = [], []
+        for begin in range(0, total, step):
+            part = slice(begin, begin + step)
+            keras_records, torch_records, k_out, t_out = side.run(_select(keras_in, part), _select(torch_in, part),
+                                                                  measured)
+            keras_out.append(k_out)
+            torch_out.append(t_out)
+        for record in keras_records + torch_records:  # the last chunk's records stand for the whole run
+            record.shape = (total, *record.shape[1:]) if record.shape else record.shape
+        by_probe = dict(zip(map(id, paired), measured))
+        final = _final_pairs(pairs, keras_records, torch_records, by_probe)
+        rows = layer_rows(final, weight_map.entries, block_of)
+        outputs = compare_outputs(_concat(keras_out), _concat(torch_out), tolerances)
+        timings["trace and compare"] = time.perf_counter() - started - sum(timings.values())
+
+        hints: list[str] = []
+        if diagnose and (not outputs.ok or any(r["status"] == "diverged" for r in rows)):
+            needed = _needed(rows, final, not outputs.ok)
+            keras_records, torch_records, _, _ = side.run(
+                _select(keras_in, slice(0, 1)), _select(torch_in, slice(0, 1)), [Measured() for _ in paired],
+                keep=lambda s, order: order in needed[s])
+            final_arrays = _final_pairs(pairs, keras_records, torch_records, by_probe)
+            hints = run_diagnosis(final_arrays, rows, weight_map.entries, outputs, block_of)
+            final = final_arrays
+            timings["diagnose"] = time.perf_counter() - started - sum(timings.values())
+    finally:
+        torch_model.train(was_training)
+    for record in (r for p in final for r in (p.keras,) if r is not None):
+        record.layer = None  # a record would keep the Keras layer (and its variables) alive
+    return Run(rows=rows, pairs=final, entries=weight_map.entries, outputs=outputs, hints=hints,
+               conflicts=conflicts, unmapped_keras=unmapped, unwritten_torch=unwritten,
+               preprocessing=sorted(preprocessing), copied=copy_weights, timings=timings, title=title)
+
+
+def _concat(chunks: list[list[tuple[str, np.ndarray]]]) -> list[tuple[str, np.ndarray]]:
+    if not chunks:
+        return []
+    return [(name, np.concatenate([c[i][1] for c in chunks])) for i, (name, _) in enumerate(chunks[0])]

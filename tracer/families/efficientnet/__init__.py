@@ -1,0 +1,1 @@
+"""tf_keras.applications EfficientNetB0-B7 -> transformers EfficientNet(ForImageClassification|Model)."""
