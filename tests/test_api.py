@@ -64,7 +64,10 @@ def test_efficientnet_b0_against_transformers(efficientnet_pair):
     assert logits.max_abs < 1e-4, logits
     statuses = run.layers["status"]
     assert (statuses != "diverged").all(), run.layers[statuses == "diverged"]
-    assert len(run.rows) > 200 and run.verdict == "match", (run.verdict, run.summary["verdict_reasons"])
+    assert run.verdict == "match", run.summary["verdict_reasons"]
+    weighted = [layer.name for layer in keras_model.layers if layer.weights and layer.name != "normalization"]
+    paired = set(run.layers.loc[run.layers["hf_module"] != "", "keras_layer"])
+    assert set(weighted) <= paired, sorted(set(weighted) - paired)  # every weighted layer compared
     # The torch model now holds the Keras weights: its own forward gives the Keras logits.
     with torch.inference_mode():
         got = torch_model(pixel_values=torch.from_numpy(pixels)).logits.numpy()
