@@ -194,6 +194,8 @@ class KerasProcess:
             if self._process.is_alive():
                 self._process.terminate()
                 self._process.join(timeout=5)
+        self._process.join(timeout=5)  # reap it whatever happened (an exited, never-waited child is a zombie)
+        _stop_resource_tracker()
         self._conn.close()
         if self._ring is not None:
             self._ring.close()
@@ -208,6 +210,17 @@ class KerasProcess:
                 self._ring.close()
             self._ring = _Ring(size, self._send)
         return self._ring
+
+
+def _stop_resource_tracker() -> None:
+    """The spawn start method also starts multiprocessing's resource tracker, a child that lives until this
+    process exits and then outlives it unwaited-for (a zombie under an init that does not reap). Nothing of ours
+    needs it once the worker is gone: stop and reap it (`_stop` is the standard library's own shutdown)."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if getattr(tracker, "_pid", None) is not None:
+        tracker._stop()
 
 
 class _Ring:
