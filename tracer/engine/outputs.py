@@ -57,6 +57,9 @@ class Outputs:
     def ok(self) -> bool:
         return bool(self.pairs) and all(p.ok for p in self.pairs)
 
+    def describe(self) -> str:
+        return "; ".join(self.summary_lines({})) or "no outputs compared"
+
     def off(self, part: str) -> bool:
         return not self.ok
 

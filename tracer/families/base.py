@@ -69,6 +69,11 @@ class Family:
         """The rename table as data (`mapping.Rule`s over the Keras reference's names)."""
         raise NotImplementedError
 
+    def accounted(self, spec) -> dict[str, str]:
+        """Checkpoint weights that are no model weights, and what became of them (EfficientNet's Normalization
+        statistics: the image processor). Default: none."""
+        return {}
+
     def block_index(self, spec) -> dict[str, int]:
         """Values for a rule's `{block}` group (ALIGN: coyo's `3a` -> HF's running index). Default: none."""
         return {}
