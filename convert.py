@@ -116,7 +116,7 @@ def _start_keras(args: argparse.Namespace):
     from tracer.families.align.inputs import IMAGE_SIZE, SEQ_LENGTH
     from tracer.families.align.keras_side import KerasProcess
 
-    return KerasProcess(args.checkpoint_path, IMAGE_SIZE, SEQ_LENGTH)
+    return KerasProcess(args.checkpoint_path, args.image_size or IMAGE_SIZE, SEQ_LENGTH)
 
 
 def _family(args: argparse.Namespace) -> str:

@@ -48,8 +48,7 @@ def ckpts(tmp_path_factory):
     out["tf1_heads"] = writers.write_tf1(root / "tf1_heads", pre, writers.random_weights(pre, seed=1))
     spec, weights, vocab = writers.minilm()
     out["tf1_minilm"] = writers.write_tf1(root / "tf1_minilm", spec, weights, vocab=vocab)
-    out["h5_minilm"] = writers.write_h5(root / "h5_minilm", dataclasses_replace(spec, model_class="BertModel"),
-                                        weights, vocab=vocab)
+    out["h5_minilm"] = writers.write_h5(root / "h5_minilm", spec, weights, vocab=vocab)
     cls = small(("base", "pooler", "classifier"), "BertForSequenceClassification", num_labels=3,
                 id2label={0: "negative", 1: "neutral", 2: "positive"})
     out["h5_cls"] = writers.write_h5(root / "h5_cls", cls, writers.random_weights(cls, seed=2))
@@ -58,17 +57,11 @@ def ckpts(tmp_path_factory):
     return out
 
 
-def dataclasses_replace(spec, **kw):
-    import dataclasses
-
-    return dataclasses.replace(spec, **kw)
-
-
 def convert(path, tmp_path=None, **options):
     """The adapter's steps as the converter drives them; returns what each produced."""
     opts = SimpleNamespace(**options)
     family = BertFamily()
-    ckpt = open_checkpoint(path, name_based=True)
+    ckpt = open_checkpoint(path)
     assert family.detect(ckpt.shapes(), {})
     spec = family.derive(ckpt, opts)
     names = family.weight_names(ckpt, spec)  # checkpoint -> reference
@@ -222,6 +215,11 @@ def test_head_without_a_place_is_an_error_unless_dropped(ckpts):
     run = convert(ckpts["tf1_heads"], model_class="BertForMaskedLM", drop_heads=True)
     assert {n.split("/")[1] for n in run.spec.dropped} == {"pooler", "seq_relationship"}
     assert set(run.diffs) == {"last_hidden_state", "logits"} and all(d < TOL for d in run.diffs.values())
+    # a transformers file of another class: its scope differs from the reference's, the names still map
+    run = convert(ckpts["h5_pretraining"], model_class="BertModel", drop_heads=True)
+    assert {n.split("/")[1] for n in run.spec.dropped} == {"mlm___cls", "nsp___cls"}
+    assert run.spec.scope == "tf_bert_model/bert" and all(d < TOL for d in run.diffs.values())
+    assert "dropped 7 weights" in run.family.describe(run.spec)
     # a class whose head the checkpoint lacks would be half random
     with pytest.raises(ConversionError, match="needs the classifier head"):
         convert(ckpts["tf1_minilm"], model_class="BertForSequenceClassification")
@@ -257,3 +255,57 @@ def test_spec_from_shapes_alone(ckpts, tmp_path):
 def test_lower_case_guess(tmp_path):
     assert guess_lower_case(read_vocab(str(writers.write_vocab(tmp_path / "u.txt", 60))))
     assert not guess_lower_case(read_vocab(str(writers.write_vocab(tmp_path / "c.txt", 60, cased=True))))
+
+
+# ------------------------------------------------------------------------------------------ every head, both kinds
+
+HEADS = {  # class -> (parts, num_labels, outputs besides last_hidden_state)
+    "BertForMaskedLM": (("base", "mlm"), None, {"logits"}),
+    "BertForNextSentencePrediction": (("base", "pooler", "nsp"), None, {"pooler_output", "logits"}),
+    "BertForSequenceClassification": (("base", "pooler", "classifier"), 4, {"pooler_output", "logits"}),
+    "BertForTokenClassification": (("base", "classifier"), 5, {"logits"}),
+    "BertForQuestionAnswering": (("base", "qa"), 2, {"start_logits", "end_logits"}),
+}
+
+
+@pytest.mark.parametrize("kind", ["tf1", "h5"])
+@pytest.mark.parametrize("model_class", sorted(HEADS))
+def test_every_head(model_class, kind, tmp_path):
+    parts, labels, outputs = HEADS[model_class]
+    spec = small(parts, model_class, num_labels=labels)
+    weights = writers.random_weights(spec, seed=4)
+    if kind == "tf1":
+        path = writers.write_tf1(tmp_path / "ckpt", spec, weights, adam=False)
+    else:
+        path = writers.write_h5(tmp_path / "ckpt", spec, weights)
+    run = convert(path)
+    assert run.spec.model_class == model_class, run.spec
+    assert set(run.diffs) == {"last_hidden_state"} | outputs
+    assert all(d < TOL for d in run.diffs.values()), run.diffs
+    if kind == "tf1" and "qa" in parts:
+        assert run.spec.transposed == ("qa_outputs/kernel",)  # run_squad's cls/squad/output_weights is (2, hidden)
+
+
+def test_tf2_object_based_checkpoint_of_a_tfbert_model(ckpts, tmp_path):
+    """`TFBertForSequenceClassification.save_weights(prefix)`: an object graph whose full names are the h5's."""
+    from tracer.families.bert.keras_ref import build_reference
+
+    spec = small(("base", "pooler", "classifier"), "BertForSequenceClassification", num_labels=3)
+    weights = writers.random_weights(spec, seed=5)
+    scope = spec.scope.split("/")[0]
+    model, _ = build_reference(spec, {f"{scope}/{k}": v for k, v in weights.items()}.__getitem__)
+    model.save_weights(str(tmp_path / "weights"))
+    writers.write_vocab(tmp_path / "vocab.txt", spec.vocab_size)
+    run = convert(tmp_path / "weights")
+    assert run.ckpt.format == "tf" and run.spec.model_class == "BertForSequenceClassification"
+    assert all(d < TOL for d in run.diffs.values()), run.diffs
+
+
+def test_detect_is_bert_only():
+    family = BertFamily()
+    assert family.detect({"bert/embeddings/word_embeddings": (9, 4), "bert/pooler/dense/kernel": (4, 4)}, {})
+    assert family.detect({"tf_bert_model/bert/embeddings/word_embeddings/weight": (9, 4)}, {})
+    # ALIGN: a BERT text tower beside an EfficientNet
+    assert not family.detect({"tf_bert_model/bert/embeddings/word_embeddings/weight": (9, 4),
+                              "stem_conv/kernel": (3, 3, 3, 8)}, {})
+    assert not family.detect({}, {})

@@ -556,11 +556,11 @@ def test_damaged_object_graph_and_file_cut_after_opening(saved, tmp_path):
         open_checkpoint(prefix)
 
 
-def test_name_based_and_partitioned_checkpoints_are_refused(tmp_path):
+def test_name_based_checkpoints_read_and_partitioned_ones_are_refused(tmp_path):
     tf.raw_ops.SaveV2(prefix=str(tmp_path / "tf1"), tensor_names=["w"], shape_and_slices=[""],
                       tensors=[tf.zeros((2, 2))])
-    with pytest.raises(BadInputError, match="name-based"):
-        open_checkpoint(tmp_path / "tf1")
+    with open_checkpoint(tmp_path / "tf1") as ckpt:  # a TF1 Saver bundle: named by its keys
+        assert ckpt.format == "tf1" and ckpt.shapes() == {"w": (2, 2)}
     # a slice of a [4, 2] variable, as a variable partitioner saves it
     tf.raw_ops.SaveV2(prefix=str(tmp_path / "part"), tensor_names=["dense/kernel"], shape_and_slices=["4 2 0,2:-"],
                       tensors=[tf.zeros((2, 2))])
@@ -631,3 +631,99 @@ def test_proto_decoder():
             list(_proto_fields(bad))
     with pytest.raises(ValueError, match="wire type"):
         _proto_decode(b"\x0a\x00", {1: ("a", "int")})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TF1 name-based bundles and transformers' tf_model.h5 (the BERT family's checkpoints)
+
+
+def test_tf1_name_based_bundle_read_by_name_with_bookkeeping_set_aside(tmp_path):
+    names = {
+        "bert/embeddings/word_embeddings": np.arange(12, dtype=np.float32).reshape(4, 3),
+        "bert/embeddings/word_embeddings/adam_m": np.ones((4, 3), np.float32),
+        "bert/embeddings/word_embeddings/adam_v": np.ones((4, 3), np.float32),
+        "bert/pooler/dense/kernel/AdamWeightDecayOptimizer": np.ones((3, 3), np.float32),
+        "bert/pooler/dense/kernel/AdamWeightDecayOptimizer_1": np.ones((3, 3), np.float32),
+        "bert/pooler/dense/kernel": np.full((3, 3), 2.0, np.float32),
+        "cls/seq_relationship/output_weights": np.zeros((2, 3), np.float32),
+        "global_step": np.array(7, np.int64),
+        "learning_rate": np.array(1e-4, np.float32),
+        "beta1_power": np.array(0.9, np.float32),
+    }
+    prefix = tmp_path / "bert_model.ckpt"
+    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=list(names), shape_and_slices=[""] * len(names),
+                      tensors=[tf.constant(v) for v in names.values()])
+    for path in (prefix, str(prefix) + ".index", tmp_path):
+        with open_checkpoint(path) as ckpt:
+            assert ckpt.format == "tf1"
+            assert set(ckpt.weights) == {"bert/embeddings/word_embeddings", "bert/pooler/dense/kernel",
+                                         "cls/seq_relationship/output_weights"}
+            roles = {v.name: v.role for v in ckpt.set_aside}
+            assert roles == {"bert/embeddings/word_embeddings/adam_m": "optimizer",
+                             "bert/embeddings/word_embeddings/adam_v": "optimizer",
+                             "bert/pooler/dense/kernel/AdamWeightDecayOptimizer": "optimizer",
+                             "bert/pooler/dense/kernel/AdamWeightDecayOptimizer_1": "optimizer",
+                             "beta1_power": "optimizer", "global_step": "other", "learning_rate": "other"}
+            np.testing.assert_array_equal(ckpt.read("bert/embeddings/word_embeddings"),
+                                          names["bert/embeddings/word_embeddings"])
+            assert ckpt.shapes()["cls/seq_relationship/output_weights"] == (2, 3)
+
+
+def test_tf1_saver_checkpoint(tmp_path):
+    """A checkpoint written by tf.compat.v1.train.Saver itself (graph mode), as google-research's BERT wrote them."""
+    code = (
+        "import tensorflow as tf\n"
+        "tf.compat.v1.disable_eager_execution()\n"
+        "with tf.compat.v1.variable_scope('bert/encoder/layer_0/attention/self/query'):\n"
+        "    k = tf.compat.v1.get_variable('kernel', [3, 3], initializer=tf.compat.v1.ones_initializer())\n"
+        "step = tf.compat.v1.train.get_or_create_global_step()\n"
+        "saver = tf.compat.v1.train.Saver()\n"
+        "with tf.compat.v1.Session() as s:\n"
+        "    s.run(tf.compat.v1.global_variables_initializer())\n"
+        f"    saver.save(s, {str(tmp_path / 'model.ckpt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                   capture_output=True)
+    with open_checkpoint(tmp_path) as ckpt:  # the directory's `checkpoint` file names it
+        assert ckpt.format == "tf1"
+        assert list(ckpt.weights) == ["bert/encoder/layer_0/attention/self/query/kernel"]
+        assert [(v.name, v.role) for v in ckpt.set_aside] == [("global_step", "other")]
+        np.testing.assert_array_equal(ckpt.read("bert/encoder/layer_0/attention/self/query/kernel"), np.ones((3, 3)))
+
+
+def test_transformers_h5_shared_variable_is_its_owners_weight(tmp_path):
+    import h5py
+
+    table = np.arange(6, dtype=np.float32).reshape(3, 2)
+    with h5py.File(tmp_path / "tf_model.h5", "w") as f:
+        f.attrs["layer_names"] = np.array([b"bert", b"mlm___cls"])
+        bert = f.create_group("bert")
+        bert.attrs["weight_names"] = np.array([b"tf_bert_for_masked_lm/bert/embeddings/word_embeddings/weight:0"])
+        bert["tf_bert_for_masked_lm/bert/embeddings/word_embeddings/weight:0"] = table
+        mlm = f.create_group("mlm___cls")
+        mlm.attrs["weight_names"] = np.array([b"tf_bert_for_masked_lm/mlm___cls/predictions/bias:0",
+                                              b"tf_bert_for_masked_lm/bert/embeddings/word_embeddings/weight:0"])
+        mlm["tf_bert_for_masked_lm/mlm___cls/predictions/bias:0"] = np.zeros(3, np.float32)
+        mlm["tf_bert_for_masked_lm/bert/embeddings/word_embeddings/weight:0"] = table
+    with open_checkpoint(tmp_path / "tf_model.h5") as ckpt:
+        assert set(ckpt.weights) == {"tf_bert_for_masked_lm/bert/embeddings/word_embeddings/weight",
+                                     "tf_bert_for_masked_lm/mlm___cls/predictions/bias"}
+        word = ckpt.weights["tf_bert_for_masked_lm/bert/embeddings/word_embeddings/weight"]
+        assert word.key == "/bert/tf_bert_for_masked_lm/bert/embeddings/word_embeddings/weight:0"
+        (copy,) = ckpt.set_aside
+        assert copy.role == "other" and copy.key.startswith("/mlm___cls/") and copy.name == word.name
+        np.testing.assert_array_equal(ckpt.read_variable(copy), table)
+
+
+def test_transformers_h5_shard_lists_datasets(tmp_path):
+    """One shard of a sharded tf_model.h5: `layer_names` names the datasets (the model scope stripped)."""
+    import h5py
+
+    with h5py.File(tmp_path / "tf_model-00001-of-00002.h5", "w") as f:
+        names = [b"bert/embeddings/word_embeddings/weight:0", b"bert/pooler/dense/bias:0"]
+        f.attrs["layer_names"] = np.array(names)
+        f.create_dataset(names[0].decode(), data=np.ones((4, 2), np.float32))
+        f.create_dataset(names[1].decode(), data=np.zeros(2, np.float32))
+    with open_checkpoint(tmp_path / "tf_model-00001-of-00002.h5") as ckpt:
+        assert ckpt.shapes() == {"bert/embeddings/word_embeddings/weight": (4, 2), "bert/pooler/dense/bias": (2,)}
+        np.testing.assert_array_equal(ckpt.read("bert/embeddings/word_embeddings/weight"), np.ones((4, 2)))

@@ -46,7 +46,7 @@ LAYER1 = "tf_bert_model/bert/encoder/layer_._1/attention/"
 def good(tiny_bundle):
     """The tiny demo converted correctly with tracing: the stages of `pipeline.convert` up to `trace`."""
     from tracer.io.checkpoint import open_checkpoint
-    from tracer.families.align.inputs import build_processor, default_vocab_file
+    from tracer.families.align.inputs import IMAGE_SIZE, build_processor, default_vocab_file
     from tracer.engine.mapping import map_by_rules
     from tracer.pipeline import ConvertOptions, load_inputs
     from tracer.families.align.trace import trace
@@ -57,9 +57,9 @@ def good(tiny_bundle):
                              inputs_file=str(tiny_bundle / "reference.npz"), trace=True)
     checkpoint = open_checkpoint(options.checkpoint_path)
     shapes = checkpoint.shapes()
-    spec = derive_spec(shapes, image_size=options.image_size, seq_length=options.seq_length)
+    spec = derive_spec(shapes, image_size=IMAGE_SIZE, seq_length=options.seq_length)
     table = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
-    inputs = load_inputs(options, build_processor(default_vocab_file(), options.image_size, options.seq_length), spec)
+    inputs = load_inputs(options, build_processor(default_vocab_file(), IMAGE_SIZE, options.seq_length), spec)
     config = hf_side.align_config(spec)
     model = hf_side.build_empty(config)
     traced = trace(checkpoint, shapes, spec, table, "auto", model, inputs, options, {}, keep_activations=True)

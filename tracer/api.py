@@ -250,7 +250,7 @@ class _Side:
 def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer", copy_weights: bool = True,
           tolerances: dict | float | None = None, activation_budget_mb: float = DEFAULT_BUDGET_MB,
           block_of: Callable | None = None, diagnose: bool = True, title: str = "tracer report",
-          fill_gaps: bool = False) -> Run:
+          fill_gaps: bool = False, output_filter: Callable | None = None) -> Run:
     """Trace `keras_model` (any tf_keras model) against `torch_model` (any `torch.nn.Module`) on `inputs`.
 
     `inputs`: what the Keras model takes (an array, a list or a dict of arrays, batch first). `torch_inputs`:
@@ -330,7 +330,8 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         by_probe = dict(zip(map(id, paired), measured))
         final = _final_pairs(pairs, keras_records, torch_records, by_probe)
         rows = layer_rows(final, weight_map.entries, block_of)
-        outputs = compare_outputs(_concat(keras_out), _concat(torch_out), tolerances)
+        keep = output_filter or (lambda outputs: outputs)
+        outputs = compare_outputs(keep(_concat(keras_out)), keep(_concat(torch_out)), tolerances)
         timings["trace and compare"] = time.perf_counter() - started - sum(timings.values())
 
         hints: list[str] = []

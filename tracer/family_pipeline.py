@@ -110,7 +110,8 @@ def convert_family(options, family: Family) -> FamilyResult:
             run = tracer.api.trace(reference.model, hf_model, example.keras, torch_inputs=example.torch,
                                    mapping=table if table is not None else "infer", fill_gaps=mode == "auto",
                                    tolerances=atol, activation_budget_mb=options.activation_budget_mb,
-                                   title=f"{family.name} conversion report")
+                                   title=f"{family.name} conversion report",
+                                   output_filter=family.output_filter(example))
         entries, parity = run.entries, run.outputs
         if options.mapping_out:
             from tracer.pipeline import write_mapping_file
@@ -127,12 +128,14 @@ def convert_family(options, family: Family) -> FamilyResult:
                                   "--mapping infer")
         coverage = run.coverage
     else:
-        from tracer.engine.transfer import transfer
+        from tracer.engine.transfer import coverage_of, transfer
 
         with stage("copy weights", timings):
-            coverage = transfer(read, list(keras_shapes), table, hf_model, allow_nonfinite=options.allow_nonfinite,
-                                target=type(hf_model).__name__)
+            writer = family.hf_writer(hf_model)
+            transfer(read, list(keras_shapes), table, writer, allow_nonfinite=options.allow_nonfinite,
+                     target=type(hf_model).__name__)
             entries = table.entries
+            coverage = coverage_of(writer, entries, len(keras_shapes))
         if options.mapping_out:
             from tracer.pipeline import write_mapping_file
 
@@ -140,7 +143,7 @@ def convert_family(options, family: Family) -> FamilyResult:
         with stage("run both models", timings):
             keras_out = family.keras_outputs(reference, example)
             hf_out = family.hf_outputs(hf_model, example)
-        parity = compare_outputs(list(keras_out.items()), list(hf_out.items()), family.tolerances)
+        parity = compare_outputs(list(keras_out.items()), list(hf_out.items()), family.tolerances, by_name=True)
     result = FamilyResult(family.name, spec, entries, coverage, parity, len(checkpoint.set_aside), timings,
                           accounted, run, run.report if run else None, model=hf_model)
     if example.reference:

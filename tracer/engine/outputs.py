@@ -91,9 +91,10 @@ class Outputs:
 
 
 def compare_outputs(keras_out: list[tuple[str, np.ndarray]], torch_out: list[tuple[str, np.ndarray]],
-                    tolerances: dict | float | None = None) -> Outputs:
+                    tolerances: dict | float | None = None, by_name: bool = False) -> Outputs:
     """Pair each Keras output with the next unused torch output of the same shape (up to NCHW/NHWC and singleton
-    axes), in order, and compare. `tolerances`: one atol for all, or per Keras output name."""
+    axes), in order, and compare; `by_name`: outputs of the same name only (an adapter named both sides').
+    `tolerances`: one atol for all, or per Keras output name."""
     def atol_of(name: str) -> float:
         if isinstance(tolerances, (int, float)):
             return float(tolerances)
@@ -105,6 +106,8 @@ def compare_outputs(keras_out: list[tuple[str, np.ndarray]], torch_out: list[tup
         found = None
         for j in range(start, len(torch_out)):
             t_name, t = torch_out[j]
+            if by_name and t_name != k_name:
+                continue
             if j not in used and (layout := output_layout(k.shape, t.shape, prefer_nchw=t.ndim == 4)) is not None:
                 found = (j, t_name, t, layout)
                 break
@@ -113,7 +116,7 @@ def compare_outputs(keras_out: list[tuple[str, np.ndarray]], torch_out: list[tup
             continue
         j, t_name, t, layout = found
         used.add(j)
-        start = j + 1
+        start = 0 if by_name else j + 1
         t_view = np.transpose(t, (0, 2, 3, 1)) if layout == "nchw" else t
         d = divergence(k, t_view.reshape(k.shape))
         pairs.append(OutputPair(k_name, t_name, tuple(k.shape), tuple(t.shape), atol_of(k_name), d.max_abs,

@@ -47,6 +47,8 @@ def rebuild_buffers(model: torch.nn.Module) -> None:
 def materialize_uninitialized(model: torch.nn.Module) -> torch.nn.Module:
     """Give a meta model real but uninitialised storage: enough to run it for shapes and call order."""
     model.to_empty(device="cpu")
+    if hasattr(model, "tie_weights"):  # to_empty gives each module new storage: tie what the model ties again
+        model.tie_weights()
     with torch.no_grad():  # zeros, not leftover bytes: NaNs and denormals make a CPU forward crawl
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.zero_()
@@ -54,9 +56,21 @@ def materialize_uninitialized(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that are another's (an MLM decoder tied to the word embeddings): written with it."""
+    seen, tied = set(), set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            tied.add(name)
+        seen.add(id(parameter))
+    return tied
+
+
 def hf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Tensors that need a checkpoint value: every persistent one except those derived."""
-    return {k: s for k, (s, _) in expected_state(model).items() if _derived_state(k, s, torch.float32) is None}
+    """Tensors that need a checkpoint value: every persistent one except those derived and those tied to another."""
+    tied = tied_names(model)
+    return {k: s for k, (s, _) in expected_state(model).items()
+            if _derived_state(k, s, torch.float32) is None and k not in tied}
 
 
 class StateWriter:

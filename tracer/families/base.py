@@ -74,6 +74,17 @@ class Family:
         statistics: the image processor). Default: none."""
         return {}
 
+    def hf_writer(self, model):
+        """What writes the HF model's tensors strictly (`engine.state.StateWriter`; BERT's ties its MLM decoder)."""
+        from tracer.engine.state import StateWriter
+
+        return StateWriter(model)
+
+    def output_filter(self, example: Example):
+        """A function applied to both sides' outputs (`[(name, array)]`) before they are compared (BERT: padded
+        positions zeroed), or None."""
+        return None
+
     def block_index(self, spec) -> dict[str, int]:
         """Values for a rule's `{block}` group (ALIGN: coyo's `3a` -> HF's running index). Default: none."""
         return {}

@@ -11,9 +11,8 @@ Formats
   node's ``full_name`` attribute is the variable's name without ``:0``; its ``checkpoint_key`` is where it is stored.
   This module reads these files itself (the index table, the few protobuf messages involved, each tensor's bytes
   checked against its CRC32C), so listing and reading never import TensorFlow.
-* TF1 name-based checkpoint (``tf.compat.v1.train.Saver``: google-research BERT's ``bert_model.ckpt``), opened with
-  ``open_checkpoint(path, name_based=True)``: a bundle without an object graph, whose keys are the variables' own
-  names. ``format`` is ``"tf1"`` (object-based bundles keep ``"tf"``).
+* TF1 name-based checkpoint (``tf.compat.v1.train.Saver``: google-research BERT's ``bert_model.ckpt``): a bundle
+  without an object graph, whose keys are the variables' own names. ``format`` is ``"tf1"`` (object-based bundles keep ``"tf"``).
 * Keras 2 HDF5 weights (``model.save_weights("x.h5")``): one group per layer of ``model.layers`` whose
   ``weight_names`` attribute names its datasets, plus a ``top_level_model_weights`` group holding the variables the
   model owns directly (ALIGN's bare ``tf.Variable`` temperature lands there as ``Variable:0``). A whole-model
@@ -113,7 +112,8 @@ class Variable:
 
 
 class Checkpoint:
-    """An opened checkpoint: the variable listing plus on-demand reads of single tensors."""
+    """An opened checkpoint: the variable listing plus on-demand reads of single tensors. `format`: "tf" (TF2
+    object-based bundle), "tf1" (name-based bundle) or "h5" (Keras 2 / transformers HDF5)."""
 
     def __init__(self, path: str, format: str, variables: list[Variable], backend: Any) -> None:
         self.path = path
@@ -192,14 +192,13 @@ def resolve_path(path: str | os.PathLike) -> tuple[str, str]:
     return _resolve(Path(os.fspath(path)).expanduser())
 
 
-def open_checkpoint(path: str | os.PathLike, name_based: bool = False) -> Checkpoint:
-    """Open a TF object-based checkpoint or a Keras 2 HDF5 weights file; see the module docstring. With
-    `name_based`, a TF1 name-based bundle (no object graph) is read too, by its keys; without, it is refused (an
-    ALIGN run wants the object graph's names)."""
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a TF checkpoint (object-based, or a TF1 name-based bundle read by its keys) or a Keras 2 / transformers
+    HDF5 weights file; see the module docstring."""
     kind, resolved = _resolve(Path(os.fspath(path)).expanduser())
     if kind == "h5":
         return _open_h5(resolved)
-    return _open_tf(resolved, name_based)
+    return _open_tf(resolved)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,22 +599,16 @@ class _TFBackend:
             handle.close()
 
 
-def _open_tf(prefix: str, name_based: bool = False) -> Checkpoint:
+def _open_tf(prefix: str) -> Checkpoint:
     index = Path(prefix + ".index")
     if not index.is_file():
         raise BadInputError(f"{prefix}: no index file {index}; {_SAVE_HINT}")
     bundle = _read_bundle_index(index)
     _check_shards(prefix, index, bundle)
-    if _GRAPH_KEY not in bundle.entries:
-        if name_based:
-            variables = [_make_variable(key, entry, _tf1_role(key, entry)) for key, entry in bundle.entries.items()]
-            variables.sort(key=lambda v: (v.name, v.key))
-            return Checkpoint(prefix, "tf1", variables, _TFBackend(prefix, bundle))
-        raise BadInputError(
-            f"{prefix} is a name-based (TF1 Saver) checkpoint without an object graph; save the model with "
-            f"TF2 model.save_weights(prefix) or tf.train.Checkpoint (a family that takes TF1 checkpoints, BERT's, "
-            f"opens it with open_checkpoint(path, name_based=True))"
-        )
+    if _GRAPH_KEY not in bundle.entries:  # a TF1 Saver bundle: the keys are the variables' names
+        variables = [_make_variable(key, entry, _tf1_role(key, entry)) for key, entry in bundle.entries.items()]
+        variables.sort(key=lambda v: (v.name, v.key))
+        return Checkpoint(prefix, "tf1", variables, _TFBackend(prefix, bundle))
     backend = _TFBackend(prefix, bundle)
     try:
         graph_tensor = backend.read_key(_GRAPH_KEY)

@@ -88,6 +88,14 @@ class BertFamily(Family):
 
         return build_empty(spec)
 
+    def accounted(self, spec: BertSpec) -> dict[str, str]:
+        """The heads `--drop_heads` leaves out: no model weight of the chosen class, listed."""
+        return {name: f"dropped head (--drop_heads: {spec.model_class} has no place for it)" for name in spec.dropped}
+
+    def output_filter(self, example: Example):
+        mask = example.keras["attention_mask"]
+        return lambda outputs: list(mask_padding(dict(outputs), mask).items())
+
     def hf_writer(self, model):
         """The writer to transfer into: ties the MLM decoder at `finish` and checks it."""
         from tracer.families.bert.hf import TiedStateWriter

@@ -15,7 +15,7 @@ SCOPE = r"[^/]+/"
 LN = r"LayerNorm/(?P<param>gamma|beta)"
 
 # (part, pattern after the scope, target after the class's prefix, transform). `{P}` is the base model's prefix.
-_BASE = (
+TABLE = (
     ("base", r"bert/embeddings/word_embeddings/weight", "{P}embeddings.word_embeddings.weight", "identity"),
     ("base", r"bert/embeddings/(?P<kind>position|token_type)_embeddings/embeddings",
      "{P}embeddings.{kind}_embeddings.weight", "identity"),
@@ -52,7 +52,6 @@ _BASE = (
     ("qa", r"qa_outputs/kernel", "qa_outputs.weight", "dense"),
     ("qa", r"qa_outputs/bias", "qa_outputs.bias", "identity"),
 )
-TABLE = _BASE
 
 
 def bert_rules(spec: BertSpec) -> tuple[Rule, ...]:

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from tracer.errors import BadInputError, ConversionError
 from tracer.families.bert.names import canonical, part_of

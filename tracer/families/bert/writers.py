@@ -67,12 +67,9 @@ def random_weights(spec: BertSpec, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in weight_shapes(spec).items():
+        value = 0.05 * rng.standard_normal(shape)
         if name.endswith("gamma"):
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith(("beta", "bias")):
-            value = 0.05 * rng.standard_normal(shape)
-        else:
-            value = 0.05 * rng.standard_normal(shape)
+            value = 1.0 + 2.0 * value
         out[name] = value.astype(np.float32)
     return out
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,7 +128,9 @@ def write_demo_checkpoint(outdir: str | os.PathLike, variant: str = "b0", image_
         model.save_weights(paths["h5"], save_format="h5")
     if "full_h5" in formats:
         paths["full_h5"] = str(out / "model.h5")
-        model.save(paths["full_h5"], save_format="h5")
+        with warnings.catch_warnings():  # "HDF5 is legacy": that legacy file is what this format is for
+            warnings.simplefilter("ignore", UserWarning)
+            model.save(paths["full_h5"], save_format="h5")
     if "tf" in formats:
         paths["tf"] = str(out / "ckpt" / "weights")
         model.save_weights(paths["tf"], save_format="tf")

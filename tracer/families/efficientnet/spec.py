@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
 from tracer.errors import BadInputError, ConversionError
@@ -253,15 +253,11 @@ def derive_spec(names: Mapping[str, Sequence[int]], image_size: int | None = Non
 
 
 def _with_padding(spec: EfficientNetSpec) -> EfficientNetSpec:
-    from dataclasses import replace
-
     return replace(spec, depthwise_padding=depthwise_padding(spec.image_size, spec.block_strides))
 
 
 def at_size(spec: EfficientNetSpec, image_size: int) -> EfficientNetSpec:
     """The same network checked at another input size (the padding follows)."""
-    from dataclasses import replace
-
     if image_size % 2 or image_size < 32:
         raise BadInputError(f"image size {image_size}: must be even and at least 32 (see derive_spec)")
     return _with_padding(replace(spec, image_size=int(image_size)))
