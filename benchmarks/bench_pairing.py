@@ -29,8 +29,7 @@ def main() -> int:
     from tracer.families.align.inputs import Inputs
     from tracer.families.align.keras_ref.align import build_reference
     from tracer.engine.pairing import pair_records
-    from tracer.engine.record.keras import record_keras
-    from tracer.engine.record.torch import record_torch
+    from tracer.families.align.record import record_keras, record_torch
 
     spec = demo_spec(args.size)
     arrays = demo_inputs(spec, n=1)
