@@ -74,7 +74,8 @@ def build(batch: int):
                                 depthwise_padding=[], hidden_dim=1280, num_labels=1000)
     torch_model = EfficientNetForImageClassification(config).eval()
     images = calibration[:batch] if batch <= 16 else np.concatenate([calibration] * (batch // 16 + 1))[:batch]
-    normalise = tf_keras.Model(keras_model.input, keras_model.get_layer("normalization").output)
+    norm = next(layer for layer in keras_model.layers if isinstance(layer, tf_keras.layers.Normalization))
+    normalise = tf_keras.Model(keras_model.input, norm.output)
     pixels = np.ascontiguousarray(np.transpose(normalise(images).numpy(), (0, 3, 1, 2)))
     return keras_model, torch_model, images, pixels
 

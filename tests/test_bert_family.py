@@ -66,16 +66,18 @@ def convert(path, tmp_path=None, **options):
     spec = family.derive(ckpt, opts)
     names = family.weight_names(ckpt, spec)  # checkpoint -> reference
     by_keras = {k: c for c, k in names.items()}
+    flipped = family.stored_transposed(spec)
 
-    def read(keras_name):
-        return ckpt.read(by_keras[keras_name])
+    def read(keras_name):  # in Keras' layout, as the converter reads
+        value = ckpt.read(by_keras[keras_name])
+        return value.T.copy() if keras_name in flipped else value
 
     reference = family.keras_reference(spec, read)
     assert sorted(reference.consumed) == sorted(names.values())  # strict: each weight once, none left
     # every checkpoint weight is used or listed as dropped; bookkeeping is set aside, never a weight
     assert sorted(set(ckpt.weights) - set(names)) == sorted(spec.dropped)
     model = family.build_hf(spec, opts)
-    shapes = {k: ckpt.shapes()[c] for k, c in by_keras.items()}
+    shapes = {k: read(k).shape for k in by_keras}
     weight_map = map_by_rules(shapes, family.rules(spec), family.block_index(spec))
     assert weight_map.unmatched == []
     writer = family.hf_writer(model)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from tracer.engine.compare import Measured, layer_rows, module_block
+from tracer.engine.compare import Measured, layer_rows, module_blocks
 from tracer.engine.infer import infer_mapping, reconcile
 from tracer.engine.lockstep import Lockstep
 from tracer.engine.mapping import Entry, WeightMap, map_by_file, read_mapping
@@ -276,7 +276,6 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
     torch_in = _numpy_tree(torch_inputs) if torch_inputs is not None else torch_inputs_from_keras(keras_in)
     if _batch(torch_in, "torch inputs") != total:
         raise BadInputError(f"`torch_inputs` has another batch size than `inputs` ({total})")
-    block_of = block_of or module_block
     was_training = torch_model.training
     torch_model.eval()
     try:
@@ -329,6 +328,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
             record.shape = (total, *record.shape[1:]) if record.shape else record.shape
         by_probe = dict(zip(map(id, paired), measured))
         final = _final_pairs(pairs, keras_records, torch_records, by_probe)
+        block_of = block_of or module_blocks(final)
         rows = layer_rows(final, weight_map.entries, block_of)
         keep = output_filter or (lambda outputs: outputs)
         outputs = compare_outputs(keep(_concat(keras_out)), keep(_concat(torch_out)), tolerances)

@@ -72,8 +72,10 @@ def convert_family(options, family: Family) -> FamilyResult:
         accounted = family.accounted(spec)
         to_keras = family.weight_names(checkpoint, spec)  # checkpoint name -> the reference's name
         from_keras = {k: c for c, k in to_keras.items()}
+        flipped = family.stored_transposed(spec)
         shapes = checkpoint.shapes()
-        keras_shapes = {to_keras[n]: s for n, s in shapes.items() if n in to_keras and n not in accounted}
+        keras_shapes = {to_keras[n]: (tuple(reversed(s)) if to_keras[n] in flipped else s)
+                        for n, s in shapes.items() if n in to_keras and n not in accounted}
         left_out = [n for n in shapes if n not in to_keras and n not in accounted]
         if left_out:
             raise ConversionError(f"{len(left_out)} checkpoint weight(s) fit nothing of the {family.name} model: "
@@ -85,7 +87,9 @@ def convert_family(options, family: Family) -> FamilyResult:
             table = map_by_rules(keras_shapes, family.rules(spec), family.block_index(spec))
 
     def read(keras_name: str):
-        return checkpoint.read(from_keras[keras_name])
+        """A weight by the reference's name, in Keras' layout."""
+        value = checkpoint.read(from_keras[keras_name])
+        return value.T.copy() if keras_name in flipped else value
 
     with stage("prepare inputs", timings):
         processor = family.processor(spec, options)

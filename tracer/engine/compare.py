@@ -255,24 +255,33 @@ TOLERANCES = {"local_rel_l2": LOCAL_REL_L2, "accumulated_rel_l2": ACCUMULATED_RE
 # Without a local measurement, a jump of this factor over the previous layer's accumulated error is a fault.
 FAULT_GROWTH = 100.0
 
-_INDEXED = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+def _index_at(path: str) -> int | None:
+    """Where the first numeric part of a module path is (`encoder.layer.3` -> 2), or None."""
+    return next((i for i, part in enumerate(path.split(".")) if part.isdigit()), None)
 
 
-def module_block(pair) -> str:
-    """The block a row belongs to, from the torch module tree: the path up to its first index
-    (`encoder.layer.3`, `encoder.blocks.5`), else its first part (`embeddings`, `pooler`, `classifier`); a
-    Keras-only row by the Keras path's first part."""
-    if pair.torch is not None:
-        path = pair.torch.path
-        if m := _INDEXED.match(path):
-            return m.group(1)
-        return path.split(".")[0]
-    return pair.keras.path.split("/")[0] if pair.keras is not None else ""
+def module_blocks(pairs) -> Callable:
+    """`block_of(pair)` from the torch module tree: a row inside a repeated module belongs to it
+    (`encoder.layer.3`, `bert.encoder.layer.3`, `encoder.blocks.5`); any other row to the module at the depth of
+    the repeated list's parent (`embeddings`, `pooler` beside `encoder`; `bert.embeddings`, `cls.predictions`
+    beside `bert.encoder`); a Keras-only row to the Keras path's first part."""
+    indices = [i for p in pairs if p.torch is not None and (i := _index_at(p.torch.path)) is not None]
+    depth = max(1, min(indices) - 1) if indices else 1
+
+    def block_of(pair) -> str:
+        if pair.torch is None:
+            return pair.keras.path.split("/")[0] if pair.keras is not None else ""
+        parts = pair.torch.path.split(".")
+        at = _index_at(pair.torch.path)
+        return ".".join(parts[:at + 1] if at is not None else parts[:depth])
+
+    return block_of
 
 
-def layer_rows(pairs, entries: list, block_of: Callable = module_block) -> list[dict]:
+def layer_rows(pairs, entries: list, block_of: Callable | None = None) -> list[dict]:
     """One row per paired layer (and per unpaired layer that computes something), in execution order.
-    `block_of(pair)`: the block its row is counted in (an adapter's names, or the torch module tree's)."""
+    `block_of(pair)`: the block its row is counted in (an adapter's names; default `module_blocks(pairs)`)."""
+    block_of = block_of or module_blocks(pairs)
     from tracer.engine.pairing import gap_cost
 
     source_of = {e.variable: e for e in entries}

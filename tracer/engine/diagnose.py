@@ -77,9 +77,9 @@ class Context:
 
     @classmethod
     def build(cls, pairs, rows, entries, parity, block_of: Callable | None = None) -> "Context":
-        from tracer.engine.compare import module_block
+        from tracer.engine.compare import module_blocks
 
-        ctx = cls(list(pairs), rows, list(entries or []), parity, block_of=block_of or module_block)
+        ctx = cls(list(pairs), rows, list(entries or []), parity, block_of=block_of or module_blocks(pairs))
         for p in ctx.pairs:
             ctx.by_row[_key(p.tower, p.keras.path if p.keras else "", p.torch.path if p.torch else "")] = p
             if p.torch is not None:

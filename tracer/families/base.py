@@ -60,6 +60,11 @@ class Family:
         vs TFBertModel's). Default: the same names."""
         return {name: name for name in checkpoint.shapes()}
 
+    def stored_transposed(self, spec) -> set[str]:
+        """Reference names whose checkpoint value is the transpose of the Keras variable (TF1 BERT's
+        `output_weights`): the converter reads them transposed, so rules and inference see Keras' layout."""
+        return set()
+
     def build_hf(self, spec, options) -> Any:
         """The transformers model for `spec`, on the meta device (no memory, no initialisation), in eval mode; its
         config carries what saving needs (`id2label`, ...)."""
@@ -98,7 +103,7 @@ class Family:
         raise NotImplementedError
 
     def keras_reference(self, spec, read: Callable[[str], np.ndarray]) -> KerasReference:
-        """The original model in tf_keras, its weights read by (Keras-side) name through `read`."""
+        """The original model in tf_keras, its weights read by (Keras-side) name, in Keras' layout, through `read`."""
         raise NotImplementedError
 
     def keras_outputs(self, reference: KerasReference, example: Example) -> dict[str, np.ndarray]:

@@ -136,15 +136,13 @@ class BertFamily(Family):
     def keras_reference(self, spec: BertSpec, read: Callable[[str], np.ndarray]) -> KerasReference:
         from tracer.families.bert.keras_ref import build_reference
 
-        model_scope = spec.scope.rsplit("/", 1)[0] + "/"
-        flipped = {model_scope + t for t in spec.transposed}
-
-        def keras_layout(name: str) -> np.ndarray:
-            value = read(name)
-            return np.ascontiguousarray(np.asarray(value).T) if name in flipped else value  # TF1's (out, in)
-
-        model, consumed = build_reference(spec, keras_layout)
+        model, consumed = build_reference(spec, read)
         return KerasReference(model=model, consumed=consumed)
+
+    def stored_transposed(self, spec: BertSpec) -> set[str]:
+        """TF1's `output_weights` (NSP, google's classifier and SQuAD heads) are stored (out, in)."""
+        model_scope = spec.scope.rsplit("/", 1)[0] + "/"
+        return {model_scope + t for t in spec.transposed}
 
     def keras_outputs(self, reference: KerasReference, example: Example) -> dict[str, np.ndarray]:
         import tensorflow as tf

@@ -55,16 +55,13 @@ TABLE = (
 
 
 def bert_rules(spec: BertSpec) -> tuple[Rule, ...]:
-    """The rules for the spec's class and the parts it uses. A kernel the checkpoint stores (out, in) (TF1's
-    `output_weights`) is torch's layout already: its transform is `identity`, not `dense`."""
+    """The rules for the spec's class and the parts it uses, over the reference's names and layout (a kernel TF1
+    stores (out, in), `output_weights`, is read transposed: `BertFamily.stored_transposed`)."""
     prefix = "" if spec.model_class == "BertModel" else "bert."
     used = set(spec.used_parts)
-    transposed = {t.rsplit("/", 1)[0] for t in spec.transposed}  # layers, e.g. nsp___cls/seq_relationship
     rules = []
     for part, pattern, target, transform in TABLE:
         if part not in used:
             continue
-        if transform == "dense" and pattern.rsplit("/", 1)[0] in transposed:
-            transform = "identity"
         rules.append(Rule(SCOPE + pattern, target.replace("{P}", prefix), transform))
     return tuple(rules)
