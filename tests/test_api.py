@@ -314,3 +314,48 @@ def test_run_saves_its_report(tmp_path):
     data = json.loads((folder / "summary.json").read_text())
     assert data["verdict"] == "match" and data["outputs"][0]["ok"]
     assert "tracer report" in (folder / "report.html").read_text()
+
+
+class _TwoBranches(tf_keras.Model):
+    """Two same-shaped sibling Dense layers, `gate` called before `value`."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = tf_keras.layers.Dense(6)
+        self.value = tf_keras.layers.Dense(6)
+        self.head = tf_keras.layers.Dense(2)
+
+    def call(self, x):
+        g = self.gate(x)
+        v = self.value(x)
+        return self.head(tf_keras.activations.sigmoid(g) * v)
+
+
+class _TorchTwoBranches(nn.Module):
+    """Its port, which registers and calls the siblings the other way round: order alone would swap them."""
+
+    def __init__(self):
+        super().__init__()
+        self.value, self.gate, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        v = self.value(x)
+        g = self.gate(x)
+        return self.head(torch.sigmoid(g) * v)
+
+
+def test_siblings_in_the_other_order_are_paired_by_numbers():
+    tf_keras.utils.set_random_seed(6)
+    keras_model = _TwoBranches()
+    x = RNG.standard_normal((5, 6)).astype(np.float32)
+    keras_model(x)
+    torch_model = _TorchTwoBranches()
+    run = tracer.trace(keras_model, torch_model, x, tolerances=1e-6)
+    assert run.verdict == "match", run.summary["verdict_reasons"]
+    mapping = run.mapping.set_index("variable")
+    gate = keras_model.gate.kernel.name.removesuffix(":0")
+    assert mapping.loc[gate, "parameter"] == "gate.weight" and mapping.loc[gate, "source"] == "numeric"
+    assert "call order" in mapping.loc[gate, "evidence"]
+    with torch.inference_mode():
+        got = torch_model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - keras_model(x).numpy()).max() < 1e-6

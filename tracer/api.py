@@ -309,6 +309,9 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
             read = {n: (lambda v=v: np.asarray(v.numpy())) for n, v in variables.items()}
             transfer(lambda name: read[name](), sorted(mapped), WeightMap(weight_map.entries), writer,
                      allow_nonfinite=True, target=type(torch_model).__name__)
+            if mode != "table":  # a table is applied as given; inference's ties are broken by numbers
+                _decide_by_numbers(keras_model, torch_model, _select(keras_in, slice(0, 1)),
+                                   _select(torch_in, slice(0, 1)), pairs, weight_map.entries, variables)
         else:
             _value_matches(weight_map.entries, variables, torch_model)
         timings["mapping and copy"] = time.perf_counter() - started - sum(timings.values())
@@ -351,6 +354,49 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
     return Run(rows=rows, pairs=final, entries=weight_map.entries, outputs=outputs, hints=hints,
                conflicts=conflicts, unmapped_keras=unmapped, unwritten_torch=unwritten,
                preprocessing=sorted(preprocessing), copied=copy_weights, timings=timings, title=title)
+
+
+def _decide_by_numbers(keras_model, torch_model, keras_example, torch_example, pairs: list[Pair],
+                       entries: list[Entry], variables: dict) -> None:
+    """Sibling layers that order alone pairs (`numeric.ambiguous_groups`): one more Keras run on one example keeps
+    what the groups and their containers received and gave, and the consumers' outputs under each assignment
+    decide (`numeric.decide`). Re-assigned entries get their new checksums."""
+    from tracer.engine.compare import divergence
+    from tracer.engine.lockstep import drop_arrays
+    from tracer.engine.numeric import ambiguous_groups, decide, enclosing
+    from tracer.engine.transfer import tensor_checksum
+
+    groups = ambiguous_groups(pairs)
+    if not groups:
+        return
+    members = [i for group in groups for i in group]
+    containers = [c for group in groups if (c := enclosing(pairs, group)) is not None]
+    wanted = {pairs[i].keras.order for i in members} | {c.keras.order for c in containers}
+    records, keras_out = _run_keras(keras_model, keras_example, True,
+                                    sink=lambda r: None if r.order in wanted else drop_arrays(r))
+    probes = [pairs[i].keras for i in members] + [c.keras for c in containers]
+    for probe in probes:  # the probe's records get this example's arrays
+        run = records[probe.order]
+        probe.output, probe.input, probe.inputs, probe.input_kwargs = run.output, run.input, run.inputs, run.input_kwargs
+
+    def judge_whole() -> float:
+        _, torch_out = _run_torch(torch_model, torch_example, False)
+        compared = compare_outputs(keras_out, torch_out)
+        return max((p.rel_l2 for p in compared.pairs), default=float("inf"))
+
+    try:
+        decisions = decide(pairs, groups, entries, lambda name: np.asarray(variables[name].numpy()), judge_whole)
+    finally:
+        for probe in probes:
+            drop_arrays(probe)
+    if decisions:
+        state = torch_model.state_dict()
+        for e in entries:
+            if e.source == "numeric":
+                e.hf_checksum = tensor_checksum(state[e.parameter].detach().numpy())
+    for d in decisions:
+        logger.info("numbers re-paired %s: %s -> %s (rel_l2 %.1e where consumed; by call order %.1e)", d.keras,
+                    d.torch_by_order, d.torch_by_numbers, d.error, d.by_order)
 
 
 def _concat(chunks: list[list[tuple[str, np.ndarray]]]) -> list[tuple[str, np.ndarray]]:

@@ -28,16 +28,38 @@ def drop_arrays(record: Record) -> None:
         release()
 
 
+def _crossing(pairs: list[tuple[int, int]]) -> set[int]:
+    """Indices of pairs out of order with another: in Keras order, a torch order below an earlier pair's or above
+    a later one's (prefix maxima and suffix minima: linear in the pairs)."""
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])
+    torch_orders = [pairs[i][1] for i in order]
+    loose, high = set(), -1
+    for i, t in zip(order, torch_orders):
+        if t < high:
+            loose.add(i)
+        high = max(high, t)
+    low = float("inf")
+    for i, t in zip(reversed(order), reversed(torch_orders)):
+        if t > low:
+            loose.add(i)
+        low = min(low, t)
+    return loose
+
+
 class Lockstep:
     """`pairs`: (keras order, torch order) of each paired layer of one tower, increasing in both.
     `expected`: per side, the probe's record paths by order (the run must make the same calls).
     `on_pair(index, keras_record, torch_record)`: compare; called once per pair, by whichever side comes second.
     `keep(side, order)`: keep that record's arrays (for the diagnosis, tests) instead of dropping them once
-    compared; `True` keeps all."""
+    compared; `True` keeps all. Pairs that cross (numbers re-assigned two siblings: Keras 5 <-> torch 6 and 6 <-> 5)
+    are `loose`: their first record is held, not waited at, and the second side compares (waiting there would
+    deadlock)."""
 
     def __init__(self, pairs: list[tuple[int, int]], expected: dict[str, list[str]],
                  on_pair: Callable[[int, Record, Record], None],
                  keep: bool | Callable[[str, int], bool] = False):
+        self.loose = _crossing(pairs)
+        self._held: dict[int, Record] = {}  # loose pair -> its first record
         self.index = {"keras": {k: i for i, (k, _) in enumerate(pairs)},
                       "torch": {t: i for i, (_, t) in enumerate(pairs)}}
         self.expected, self.on_pair = expected, on_pair
@@ -67,6 +89,14 @@ class Lockstep:
                 drop_arrays(record)
             return
         partner = "torch" if side == "keras" else "keras"
+        if index in self.loose:
+            with self._cond:
+                other = self._held.pop(index, None)
+                if other is None:
+                    self._held[index] = record
+                    return
+            self._compare(index, side, record, other)
+            return
         with self._cond:
             if self._error is not None:
                 raise _Aborted()
@@ -85,6 +115,9 @@ class Lockstep:
             other = self._arrived.pop(index)
         # The side that waited compares, while the other side computes on: the comparison overlaps the slower
         # model's forward, and at most one more record per side is alive meanwhile.
+        self._compare(index, side, record, other)
+
+    def _compare(self, index: int, side: str, record: Record, other: Record) -> None:
         try:
             keras, torch = (record, other) if side == "keras" else (other, record)
             self.on_pair(index, keras, torch)

@@ -56,6 +56,7 @@ class Entry:
     # With the torch model's own weights kept (`tracer.trace(copy_weights=False)`): the Keras weight(s) the
     # parameter equals under a layout transform (`name (transform)`; several joined by `; `), or "none".
     equals: str = ""
+    evidence: str = ""  # why the entry is what it is, where numbers decided it (`numeric`)
 
     def row(self) -> dict:
         row = asdict(self)

@@ -57,6 +57,7 @@ back as a `--mapping_file`.
     hf_checksum            the transfer computed them (`Entry.keras_checksum` / `Entry.hf_checksum`); else empty
     equals               `tracer.trace(copy_weights=False)`: the Keras weight(s) the torch tensor holds under a
                            layout transform, `name (transform)` joined by `; `, or `none`; else empty
+    evidence             for `numeric` entries: the local errors that decided them; else empty
 
 ``summary.json``: the stable contract other tools read (`SUMMARY_KEYS`; floats that are NaN/Inf are null).
 
@@ -122,7 +123,7 @@ BLOCK_COLUMNS = [
 ]
 MAPPING_COLUMNS = [
     "variable", "parameter", "transform", "source", "status", "keras_shape", "hf_shape",
-    "keras_checksum", "hf_checksum", "equals",
+    "keras_checksum", "hf_checksum", "equals", "evidence",
 ]
 SUMMARY_KEYS = [
     "schema_version", "checkpoint", "verdict", "verdict_reasons", "image_embeds_max_abs", "text_embeds_max_abs",
@@ -250,6 +251,7 @@ def mapping_rows(entries) -> list[dict]:
             "keras_checksum": _text(getattr(e, "keras_checksum", "")),
             "hf_checksum": _text(getattr(e, "hf_checksum", "")),
             "equals": _text(getattr(e, "equals", "")),
+            "evidence": _text(getattr(e, "evidence", "")),
         })
     return out
 

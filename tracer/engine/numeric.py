@@ -1,0 +1,160 @@
+"""Numbers decide where order cannot: sibling layers of one kind and shape whose pairing by call order may be
+wrong (a port that computes value before query, two equal-shape branches called the other way round).
+
+A sibling's own output cannot tell: any of them computes a Keras layer's output exactly once given its weights.
+What tells is what consumes them. So for each such group, with every weight copied, each assignment of the Keras
+layers' weights to the group's torch modules is tried, and the torch side of the smallest paired container around
+the group (or, with none, the whole model) is run on the Keras side's recorded input: the assignment whose output
+agrees wins. Where it is not the order's, the modules are rewritten, and their mapping entries say `numeric`, with
+the runner-up's error as evidence.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from tracer.engine.compare import LOCAL_REL_L2, divergence, local_output
+from tracer.engine.pairing import Pair, weight_signature
+from tracer.engine.transforms import get_transform
+
+MAX_GROUP = 4  # permutations tried exhaustively: 4! = 24 at most
+
+
+@dataclass
+class Decision:
+    keras: list[str]  # the group's Keras layer paths
+    torch_by_order: list[str]  # the torch modules order gave them
+    torch_by_numbers: list[str]  # the torch modules the numbers give them
+    error: float  # the chosen assignment's rel_l2 where it is judged
+    runner_up: float  # the best other assignment's
+    by_order: float  # the call order's
+
+
+def ambiguous_groups(pairs: list[Pair]) -> list[list[int]]:
+    """Indices (into `pairs`) of siblings: paired weighted leaves next to each other in the pairing (no other
+    weighted pair between them) that share a Keras parent, a kind, a weight signature and input and output shapes,
+    two or more to a group. (That they take the same input is checked on the recorded arrays, in `decide`.)"""
+    groups, current, key_of_current = [], [], None
+    for i, p in enumerate(pairs):
+        if not p.paired or not (p.keras.variables or p.torch.variables):
+            continue
+        key = None
+        if not p.keras.is_container and p.keras.variables and not p.fused:
+            key = (p.tower, p.keras.path.rsplit("/", 1)[0] if "/" in p.keras.path else "", p.keras.kind,
+                   weight_signature(p.keras), p.keras.input_shape, p.keras.shape)
+        if key is not None and key == key_of_current:
+            current.append(i)
+            continue
+        if 2 <= len(current) <= MAX_GROUP:
+            groups.append(current)
+        current, key_of_current = ([i], key) if key is not None else ([], None)
+    if 2 <= len(current) <= MAX_GROUP:
+        groups.append(current)
+    return groups
+
+
+def enclosing(pairs: list[Pair], group: list[int]) -> Pair | None:
+    """The smallest paired container whose torch module holds every member of the group, or None."""
+    paths = [pairs[i].torch.path for i in group]
+    best = None
+    for p in pairs:
+        if p.paired and p.torch.is_container and all(path.startswith(p.torch.path + ".") for path in paths):
+            if best is None or len(p.torch.path) > len(best.torch.path):
+                best = p
+    return best
+
+
+@contextmanager
+def _holding(assignments: list[tuple[object, dict[str, np.ndarray]]]):
+    """Torch modules with the given parameters (own names -> arrays in torch layout) for a moment."""
+    import torch
+
+    saved = [(m, {n: p.detach().clone() for n, p in m.named_parameters(recurse=False)}) for m, _ in assignments]
+    try:
+        with torch.no_grad():
+            for module, values in assignments:
+                for name, value in values.items():
+                    getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        yield
+    finally:
+        with torch.no_grad():
+            for module, values in saved:
+                for name, value in values.items():
+                    getattr(module, name).copy_(value)
+
+
+def _weights(entries_of: dict, keras_record, read) -> dict[str, np.ndarray]:
+    """A Keras layer's weights in torch layout, by the torch parameter's own name (`weight`, `bias`)."""
+    out = {}
+    for variable in keras_record.variables:
+        entry = entries_of[variable]
+        out[entry.parameter.rsplit(".", 1)[-1]] = get_transform(entry.transform)(read(variable))
+    return out
+
+
+def decide(pairs: list[Pair], groups: list[list[int]], entries: list, read: Callable[[str], np.ndarray],
+           judge_whole: Callable[[], float]) -> list[Decision]:
+    """Re-assign each group where another assignment fits and the order's does not. `pairs`: the group members'
+    and their containers' Keras records hold one example's arrays; the torch model holds every copied weight.
+    `read(keras name)`: a Keras weight; `judge_whole()`: the whole model's output error on that example (for a
+    group no paired container holds). The chosen weights are left written; `pairs` and `entries` are updated."""
+    entries_of = {e.variable: e for e in entries}
+    decisions = []
+    for group in groups:
+        members = [pairs[i] for i in group]
+        if any(v not in entries_of for p in members for v in p.keras.variables):
+            continue
+        if any(p.keras.input is None or not np.array_equal(p.keras.input, members[0].keras.input) for p in members):
+            continue  # not siblings: they do not read the same tensor
+        container = enclosing(pairs, group)
+        if container is not None and container.keras.output is None:
+            continue
+
+        def judge() -> float:
+            if container is None:
+                return judge_whole()
+            out = local_output(container)
+            return float("inf") if out is None else divergence(container.keras.output, out).rel_l2
+
+        weights = [_weights(entries_of, p.keras, read) for p in members]
+        modules = [p.torch.module for p in members]
+        scored = []
+        for perm in itertools.permutations(range(len(members))):
+            with _holding([(modules[j], weights[i]) for i, j in enumerate(perm)]):
+                scored.append((judge(), perm))
+        order = tuple(range(len(members)))
+        by_order = next(e for e, perm in scored if perm == order)
+        scored.sort()
+        best_error, best = scored[0]
+        if best == order or not best_error <= LOCAL_REL_L2 or not by_order > max(LOCAL_REL_L2, 100 * best_error):
+            continue  # the order fits, or nothing does (a fault for the diagnosis, not a pairing)
+        runner_up = scored[1][0]
+        decisions.append(Decision([p.keras.path for p in members], [p.torch.path for p in members],
+                                  [members[j].torch.path for j in best], best_error, runner_up, by_order))
+        _apply(members, best, modules, weights, entries_of, best_error, runner_up, by_order)
+    return decisions
+
+
+def _apply(members, best, modules, weights, entries_of, error, runner_up, by_order) -> None:
+    """Write the chosen assignment and re-pair: Keras layer i now pairs with the torch module `best[i]`."""
+    import torch
+
+    with torch.no_grad():
+        for i, j in enumerate(best):
+            for name, value in weights[i].items():
+                getattr(modules[j], name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    torch_records = [(p.torch, p.torch_weights) for p in members]
+    for i, j in enumerate(best):
+        pair = members[i]
+        pair.torch, pair.torch_weights = torch_records[j]
+        for variable in pair.keras.variables:
+            entry = entries_of[variable]
+            entry.parameter = f"{pair.torch_weights.path}.{entry.parameter.rsplit('.', 1)[-1]}"
+            entry.source = "numeric"
+            entry.evidence = (f"numbers: rel_l2 {error:.1e} where it is consumed, the runner-up {runner_up:.1e}, "
+                              f"the call order's {by_order:.1e}")
