@@ -17,7 +17,7 @@ import numpy as np
 
 from tracer.engine.compare import Measured, layer_rows, module_blocks
 from tracer.engine.infer import infer_mapping, reconcile
-from tracer.engine.lockstep import Lockstep
+from tracer.engine.lockstep import Lockstep, final_pairs, needed_for_diagnosis
 from tracer.engine.mapping import Entry, WeightMap, map_by_file, read_mapping
 from tracer.engine.outputs import compare_outputs, flatten
 from tracer.engine.pairing import Pair, pair_records
@@ -197,32 +197,6 @@ def _value_matches(entries: list[Entry], variables: dict, torch_model) -> None:
         e.hf_shape = tuple(tensor.shape)
 
 
-def _final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair) -> list[Pair]:
-    """The probe's pairs with the run's records (real shapes, and arrays where kept) and their metrics."""
-    out = []
-    for p in pairs:
-        k = keras_records[p.keras.order] if p.keras is not None else None
-        t = torch_records[p.torch.order] if p.torch is not None else None
-        w = torch_records[p.torch_weights.order] if p.torch_weights is not None else None
-        out.append(Pair(p.tower, k, t, w, p.score, measured_by_probe_pair.get(id(p))))
-    return out
-
-
-def _needed(rows: list[dict], pairs: list[Pair], off: bool, window: int = 30) -> dict[str, set[int]]:
-    """Record orders whose arrays the diagnosis needs: around each row it explains, and the first layers."""
-    from tracer.engine.diagnose import target_rows
-
-    needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
-    by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
-    targets, _ = target_rows(rows, lambda part: off or any(r["status"] == "diverged" for r in rows))
-    for row in targets[:10]:
-        pair = by_path.get((row["keras_layer"], row["hf_module"]))
-        for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
-            if record is not None:
-                needed[side].update(range(max(0, record.order - window), record.order + 4))
-    return needed
-
-
 class _Side:
     """Runs one chunk of both models side by side, comparing each paired layer as both outputs exist."""
 
@@ -330,7 +304,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         for record in keras_records + torch_records:  # the last chunk's records stand for the whole run
             record.shape = (total, *record.shape[1:]) if record.shape else record.shape
         by_probe = dict(zip(map(id, paired), measured))
-        final = _final_pairs(pairs, keras_records, torch_records, by_probe)
+        final = final_pairs(pairs, keras_records, torch_records, by_probe)
         block_of = block_of or module_blocks(final)
         rows = layer_rows(final, weight_map.entries, block_of)
         keep = output_filter or (lambda outputs: outputs)
@@ -339,11 +313,11 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
 
         hints: list[str] = []
         if diagnose and (not outputs.ok or any(r["status"] == "diverged" for r in rows)):
-            needed = _needed(rows, final, not outputs.ok)
+            needed = needed_for_diagnosis(rows, final, not outputs.ok)
             keras_records, torch_records, _, _ = side.run(
                 _select(keras_in, slice(0, 1)), _select(torch_in, slice(0, 1)), [Measured() for _ in paired],
                 keep=lambda s, order: order in needed[s])
-            final_arrays = _final_pairs(pairs, keras_records, torch_records, by_probe)
+            final_arrays = final_pairs(pairs, keras_records, torch_records, by_probe)
             hints = run_diagnosis(final_arrays, rows, weight_map.entries, outputs, block_of)
             final = final_arrays
             timings["diagnose"] = time.perf_counter() - started - sum(timings.values())
@@ -361,7 +335,6 @@ def _decide_by_numbers(keras_model, torch_model, keras_example, torch_example, p
     """Sibling layers that order alone pairs (`numeric.ambiguous_groups`): one more Keras run on one example keeps
     what the groups and their containers received and gave, and the consumers' outputs under each assignment
     decide (`numeric.decide`). Re-assigned entries get their new checksums."""
-    from tracer.engine.compare import divergence
     from tracer.engine.lockstep import drop_arrays
     from tracer.engine.numeric import ambiguous_groups, decide, enclosing
     from tracer.engine.transfer import tensor_checksum

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.engine.mapping import WeightMap, map_by_file, map_by_rules, read_mapping
+from tracer.engine.mapping import map_by_file, map_by_rules, read_mapping
 from tracer.engine.outputs import Outputs, compare_outputs
 from tracer.errors import BadInputError, ConversionError, ParityError
 from tracer.families.base import Family

@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import inspect
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np

@@ -158,3 +158,34 @@ class Lockstep:
         if missing:
             raise ConversionError(f"{len(missing)} paired layer(s) were never reached in the run")
         return results["keras"], results["torch"]
+
+
+def final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair: dict):
+    """The probe's pairs with a run's records (real shapes, and arrays where kept) and their metrics
+    (`measured_by_probe_pair`: id(probe pair) -> `compare.Measured`)."""
+    from tracer.engine.pairing import Pair
+
+    out = []
+    for p in pairs:
+        k = keras_records[p.keras.order] if p.keras is not None else None
+        t = torch_records[p.torch.order] if p.torch is not None else None
+        w = torch_records[p.torch_weights.order] if p.torch_weights is not None else None
+        out.append(Pair(p.tower, k, t, w, p.score, measured_by_probe_pair.get(id(p))))
+    return out
+
+
+def needed_for_diagnosis(rows: list[dict], pairs, off: bool, window: int = 30) -> dict[str, set[int]]:
+    """Record orders whose arrays the diagnosis needs, per side: around each row it explains (its block's members
+    before it, the pads after it) and the first layers (the preprocessing check). `off`: the outputs miss their
+    tolerance."""
+    from tracer.engine.diagnose import target_rows
+
+    needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
+    by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
+    targets, _ = target_rows(rows, lambda part: off or any(r["status"] == "diverged" for r in rows))
+    for row in targets[:10]:
+        pair = by_path.get((row["keras_layer"], row["hf_module"]))
+        for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
+            if record is not None:
+                needed[side].update(range(max(0, record.order - window), record.order + 4))
+    return needed

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tracer.families.bert.tokenizer import read_vocab  # noqa: F401  (ALIGN's text tower is a BERT)
 from tracer.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -66,27 +67,6 @@ def default_vocab_file() -> str:
     raise BadInputError(
         f"package `{VOCAB_PACKAGE}` is installed at {list(spec.submodule_search_locations)} but has no model/vocab.txt"
     )
-
-
-def read_vocab(vocab_file: str) -> dict[str, int]:
-    """`token -> line index`, as BERT's vocab.txt is defined (one token a line, trailing newline stripped)."""
-    try:
-        with open(vocab_file, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInputError(f"cannot read vocabulary {vocab_file!r}: {e}") from e
-    if lines and lines[-1] == "":
-        lines.pop()
-    vocab: dict[str, int] = {}
-    for index, token in enumerate(lines):
-        token = token.rstrip("\r")
-        if token in vocab:
-            raise BadInputError(f"vocabulary {vocab_file!r}: token {token!r} repeats on lines {vocab[token] + 1} and {index + 1}")
-        vocab[token] = index
-    for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
-        if special not in vocab:
-            raise BadInputError(f"vocabulary {vocab_file!r} has no {special} token: not a BERT vocab.txt")
-    return vocab
 
 
 # --------------------------------------------------------------------------------------------------- processor

@@ -17,6 +17,7 @@ import numpy as np
 
 from tracer.families.align import hf as hf_side
 from tracer.engine.compare import Measured, layer_rows, max_abs
+from tracer.engine.lockstep import final_pairs, needed_for_diagnosis
 from tracer.families.align.parity import with_embeds
 from tracer.families.align.blocks import align_blocks
 from tracer.engine.mapping import Entry, WeightMap
@@ -54,23 +55,6 @@ def _restrict(table: WeightMap | None, names: set[str]) -> WeightMap | None:
         return None
     return WeightMap([e for e in table.entries if e.variable in names], [n for n in table.unmatched if n in names],
                      table.stray)
-
-
-def _needed(rows: list[dict], pairs: list[Pair], off: bool, window: int = 30) -> dict[str, set[int]]:
-    """Record orders whose arrays the diagnosis needs: around each row it explains (its block's members before it,
-    the pads after it) and the tower's first layers (the preprocessing check). `off`: the tower's embeddings miss
-    the tolerance."""
-    from tracer.engine.diagnose import target_rows
-
-    needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
-    by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
-    targets, _ = target_rows(rows, lambda tower: off or any(r["status"] == "diverged" for r in rows))
-    for row in targets[:10]:
-        pair = by_path.get((row["keras_layer"], row["hf_module"]))
-        for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
-            if record is not None:
-                needed[side].update(range(max(0, record.order - window), record.order + 4))
-    return needed
 
 
 def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings,
@@ -185,7 +169,7 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
     for record in keras_records + torch_records:  # the last chunk's records stand for the whole run
         record.shape = (total, *record.shape[1:]) if record.shape else record.shape
     by_probe_pair = dict(zip(map(id, paired), measured))
-    tower_pairs = _final_pairs(pairs, keras_records, torch_records, by_probe_pair)
+    tower_pairs = final_pairs(pairs, keras_records, torch_records, by_probe_pair)
     rows = layer_rows(tower_pairs, weight_map.entries, align_blocks(spec.vision.block_names()))
     needed = None if keep_activations else {"keras": set(), "torch": set()}
     features = {side: np.concatenate(v) for side, v in outputs.items()}
@@ -193,11 +177,11 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
     off = not max_abs(embeds["keras"], embeds["hf"]) <= options.atol  # where its error enters is worth a hint
     if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
         with stage(f"capture {tower} for diagnosis", timings):
-            needed = _needed(rows, tower_pairs, off)
+            needed = needed_for_diagnosis(rows, tower_pairs, off)
             keras_records, torch_records, _ = _lockstep(
                 keras, hf_model, inputs.select(slice(1), slice(1)), tower, pairs, paired, keras_probe, torch_probe,
                 [Measured() for _ in paired], keep=lambda side, order: order in needed[side])
-        tower_pairs = _final_pairs(pairs, keras_records, torch_records, by_probe_pair)
+        tower_pairs = final_pairs(pairs, keras_records, torch_records, by_probe_pair)
     if needed is not None:  # a record holds its Keras layer alive: keep only those the diagnosis may look at
         for record in keras_records:
             if record.order not in needed["keras"]:
@@ -241,17 +225,6 @@ def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_p
 
     keras_records, (torch_records, hf_features) = step.run(run_keras, run_torch)
     return keras_records, torch_records, {"keras": np.array(last_keras["output"]), "hf": hf_features[FEATURES[tower]]}
-
-
-def _final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair) -> list[Pair]:
-    """The probe's pairs with the run's records (real shapes, and arrays where kept) and their metrics."""
-    out = []
-    for p in pairs:
-        k = keras_records[p.keras.order] if p.keras is not None else None
-        t = torch_records[p.torch.order] if p.torch is not None else None
-        w = torch_records[p.torch_weights.order] if p.torch_weights is not None else None
-        out.append(Pair(p.tower, k, t, w, p.score, measured_by_probe_pair.get(id(p))))
-    return out
 
 
 def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:
