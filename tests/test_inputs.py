@@ -74,7 +74,7 @@ def test_tokenizer_from_folder_and_bad_sources(tmp_path):
         I.build_processor(str(tmp_path / "nope.txt"))
     notvocab = tmp_path / "words.txt"
     notvocab.write_text("a\nb\nc\n")
-    with pytest.raises(BadInputError, match=r"no \[PAD\]"):
+    with pytest.raises(BadInputError, match=r"lacks \[PAD\]"):
         I.build_processor(str(notvocab))
 
 
