@@ -69,6 +69,17 @@ def randomise_norms(model: nn.Module, rng) -> None:
                 m.weight.uniform_(0.5, 1.5)
 
 
+def randomise_keras(model, rng) -> None:
+    """Keras initialises biases/betas to zeros and gammas to ones: give them random values, so a bias left at
+    zero or a gamma left at ones on the torch side is a real fault."""
+    for v in model.weights:
+        leaf = v.name.removesuffix(":0").rsplit("/", 1)[-1]
+        if leaf in ("bias", "beta"):
+            v.assign(rng.normal(0, 0.2, v.shape).astype(np.float32))
+        elif leaf == "gamma":
+            v.assign(rng.uniform(0.5, 1.5, v.shape).astype(np.float32))
+
+
 class TFSameConv2d(nn.Conv2d):
     """A conv padded as TF's `padding="same"` does (the odd pixel after): the correct port of a strided Keras
     'same' conv, which torch's symmetric `padding=` cannot express."""
@@ -119,6 +130,8 @@ def cnn(seed: int, act: str = "swish", rescale: bool = False, stride: int = 1, z
         images = np.clip(127.5 + 60 * smooth_images(rng, 8, 16), 0, 255).astype(np.float32)
     else:
         images = smooth_images(rng, 8, 16)
+    keras_model(images[:1])
+    randomise_keras(keras_model, rng)
     calibrate(keras_model, images)
     first = TFSameConv2d(3, 8, 3, stride=stride) if stride > 1 else nn.Conv2d(3, 8, 3, padding=1)
     modules = [first, _TORCH_ACT[act](), nn.BatchNorm2d(8, eps=1e-3)]
@@ -149,6 +162,7 @@ def mlp(seed: int, act: str = "gelu") -> Pair:
     randomise_norms(torch_model, rng)
     x = rng.standard_normal((6, 32)).astype(np.float32)
     keras_model(x)
+    randomise_keras(keras_model, rng)
     return Pair(keras_model, torch_model, x, first="1")
 
 
@@ -169,6 +183,7 @@ def bert(seed: int) -> Pair:
     mask[1, 8:] = 0
     inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     keras_model(inputs)
+    randomise_keras(keras_model, rng)
     config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-12,
                         hidden_act="gelu", attn_implementation="eager")
@@ -412,14 +427,22 @@ def cases(per_class: int = 5) -> list[Case]:
             Case("preprocessing", "cnn: k - 0.5", P(cnn, 93), torch_inputs=scaled_inputs(1, -0.5)),
             Case("preprocessing", "cnn relu: 1.1k + 0.1", P(cnn, 94, act="relu"), torch_inputs=scaled_inputs(1.1, 0.1)),
         ],
-        "bias": [
-            Case("bias", "mlp: Linear 3 bias=False", P(mlp, 100), "3", drop_bias("3")),
-            Case("bias", "mlp: Linear 6 bias=False", P(mlp, 101), "6", drop_bias("6")),
-            Case("bias", "cnn: conv 5 bias=False", P(cnn, 102), "5", drop_bias("5")),
-            Case("bias", "bert: layer 0 intermediate.dense bias zeroed", P(bert, 103), f"{B}.0.intermediate.dense",
+        "bias (zeroed)": [
+            Case("bias", "mlp: Linear 3 bias zeroed", P(mlp, 100), "3", zero_bias("3")),
+            Case("bias", "cnn: conv 5 bias zeroed", P(cnn, 101), "5", zero_bias("5")),
+            Case("bias", "bert: layer 0 intermediate.dense bias zeroed", P(bert, 102), f"{B}.0.intermediate.dense",
                  zero_bias(f"{B}.0.intermediate.dense")),
-            Case("bias", "bert: layer 1 attention.output.dense bias zeroed", P(bert, 104),
+            Case("bias", "bert: layer 1 attention.output.dense bias zeroed", P(bert, 103),
                  f"{B}.1.attention.output.dense", zero_bias(f"{B}.1.attention.output.dense")),
+            Case("bias", "cnn: depthwise 3 bias zeroed", P(cnn, 104), "3", zero_bias("3")),
+        ],
+        "bias (bias=False)": [
+            Case("bias", "mlp: Linear 3 bias=False", P(mlp, 105), "3", drop_bias("3")),
+            Case("bias", "mlp: Linear 6 bias=False", P(mlp, 106), "6", drop_bias("6")),
+            Case("bias", "cnn: conv 5 bias=False", P(cnn, 107), "5", drop_bias("5")),
+            Case("bias", "cnn: conv 0 bias=False", P(cnn, 108), "0", drop_bias("0")),
+            Case("bias", "bert: layer 1 output.dense bias=False", P(bert, 109), f"{B}.1.output.dense",
+                 drop_bias(f"{B}.1.output.dense")),
         ],
     }
     controls = [Case("control", "cnn", P(cnn, 10)), Case("control", "cnn stride 2", P(cnn, 70, stride=2)),

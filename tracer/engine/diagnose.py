@@ -42,6 +42,7 @@ CLASSES = {
     "activation": "an activation variant",
     "preprocessing": "the preprocessing scale or offset",
     "temperature": "the temperature not carried over",
+    "bias": "a bias dropped (bias=False, or left at zero) where Keras has one",
 }
 _HINT_CLASS = re.compile(r"\[([a-z_]+)\]")
 
@@ -705,8 +706,12 @@ def _first_inputs(ctx: Context):
     """(keras record, torch record) of the first paired layer, in the first part that takes images, whose HF record
     kept its input (what the processor gave it)."""
     for p in ctx.pairs:
-        if p.paired and p.torch.input is not None and p.keras.input is not None and p.keras.input.ndim == 4:
-            return p.keras, p.torch
+        if not p.paired or p.keras.input is None or p.keras.input.ndim != 4:
+            continue
+        # a Keras conv with a fused activation pairs with torch's activation; the conv before it took the pixels
+        t = next((r for r in (p.torch_weights, p.torch) if r is not None and r.input is not None), None)
+        if t is not None:
+            return p.keras, t
     return None, None
 
 
@@ -814,6 +819,50 @@ def run_temperature(ctx: Context) -> str | None:
         why = ": HF kept the config's default temperature_init_value (the checkpoint's value was never written)"
     return (f"the checkpoint's temperature is {ckpt:.6g} but the HF model's is {hf:.6g}{why}; logits would be "
             f"scaled by {ckpt / hf if hf else float('inf'):.4g}× the original's")
+
+
+# ---------------------------------------------------------------------------------------------------- 9. bias
+
+
+def _keras_bias(pair, rec, ctx: Context) -> tuple[str, np.ndarray] | None:
+    """(name, value) of the Keras bias of this layer: the variable mapped to the HF bias, else the layer's own
+    `.../bias` variable (a torch module built with bias=False has no mapping entry for it)."""
+    entry = ctx.entry_of_parameter.get(f"{rec.path}.bias")
+    names = [entry.variable] if entry is not None else []
+    names += [v for v in (pair.keras.variables if pair.keras is not None else ()) if v.rsplit("/", 1)[-1] == "bias"]
+    for name in names:
+        value = ctx.keras_value(name)
+        if value is not None and value.ndim == 1:
+            return name, value
+    return None
+
+
+@row_checker("bias")
+def check_bias(pair, row, ctx: Context) -> str | None:
+    """HF's conv/linear has no bias (or an all-zero one) where the Keras layer has a non-zero one: re-run with the
+    Keras bias added back."""
+    import torch
+
+    rec, module = _weights_pair(pair)
+    if module is None or rec.kind not in ("conv", "depthwise", "linear") or not hasattr(module, "bias"):
+        return None
+    bias = module.bias
+    if bias is not None and np.any(bias.detach().cpu().numpy() != 0):
+        return None  # a bias that holds other values is never_written's (or the mapping's) business
+    found = _keras_bias(pair, rec, ctx)
+    if found is None:
+        return None
+    name, value = found
+    out_features = module.weight.shape[0]
+    if value.shape != (out_features,) or not np.any(value != 0):
+        return None
+    fixed = _parameter(torch.from_numpy(np.ascontiguousarray(value, np.float32)))
+    err = _local_error(pair, _rerun(pair, [(module, "bias", fixed)]))
+    if err > FIT:
+        return None
+    held = "no bias (bias=False)" if bias is None else "an all-zero bias"
+    return (f"HF `{rec.path}` has {held} where Keras `{name}` {_describe_values(value)}: re-running with the Keras "
+            f"bias added back fits (local rel_l2 {_fmt(err)}, as converted {_as_of(row)})")
 
 
 # ---------------------------------------------------------------------------------------------------- driver
