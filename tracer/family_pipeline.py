@@ -103,7 +103,7 @@ def convert_family(options, family: Family) -> FamilyResult:
             raise ConversionError(f"{len(unused)} checkpoint weight(s) the {family.name} reference model does not "
                                   f"use: {unused[:20]}; the checkpoint holds more than the derived model")
 
-    run = None
+    run, hf_out = None, None
     atol = min(family.tolerances.values()) if family.tolerances else None
     if options.trace:
         import tracer.api
@@ -151,8 +151,9 @@ def convert_family(options, family: Family) -> FamilyResult:
     result = FamilyResult(family.name, spec, entries, coverage, parity, len(checkpoint.set_aside), timings,
                           accounted, run, run.report if run else None, model=hf_model)
     if example.reference:
-        hf_out = family.hf_outputs(hf_model, example)
         from tracer.engine.compare import max_abs
+
+        hf_out = hf_out if hf_out is not None else family.hf_outputs(hf_model, example)  # plain mode ran it
 
         result.reference_max_abs = {k: max_abs(v, hf_out[k]) for k, v in example.reference.items() if k in hf_out}
     checkpoint.close()

@@ -10,6 +10,14 @@ import torch
 from tracer.errors import ConversionError
 
 
+def build_on_meta(model_class, config, **kwargs) -> torch.nn.Module:
+    """`model_class(config, **kwargs)` on the meta device (no memory, no random initialisation that would be
+    overwritten anyway), in eval mode."""
+    with torch.device("meta"):
+        model = model_class(config, **kwargs)
+    return model.eval()
+
+
 def expected_state(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every persistent tensor the model saves: name -> (shape, dtype)."""
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}

@@ -7,7 +7,7 @@ import logging
 import torch
 from transformers import AlignConfig, AlignModel, AlignTextConfig, AlignVisionConfig
 
-from tracer.engine.state import (StateWriter, expected_state, hf_shapes, materialize_uninitialized,  # noqa: F401
+from tracer.engine.state import (StateWriter, build_on_meta, expected_state, hf_shapes, materialize_uninitialized,  # noqa: F401
                                  rebuild_buffers, write_state)
 from tracer.errors import BadInputError
 from tracer.families.align.towers import FEATURES, TOWERS
@@ -70,9 +70,7 @@ def override_config(config: AlignConfig, overrides: list[str]) -> None:
 
 def build_empty(config: AlignConfig) -> AlignModel:
     """The model on the meta device: no memory, no random initialisation that would be overwritten anyway."""
-    with torch.device("meta"):
-        model = AlignModel(config)
-    return model.eval()
+    return build_on_meta(AlignModel, config)
 
 
 def tower_features(model: AlignModel, inputs, towers=TOWERS) -> dict[str, torch.Tensor]:

@@ -48,10 +48,10 @@ def build_empty(spec: BertSpec, model_class: str | None = None) -> torch.nn.Modu
                             f"{', '.join(HF_CLASSES)}")
     config = bert_config(spec)
     config._attn_implementation = "eager"
-    cls = getattr(transformers, name)
-    with torch.device("meta"):
-        model = cls(config, add_pooling_layer=spec.pooler) if name == "BertModel" else cls(config)
-    return model.eval()
+    from tracer.engine.state import build_on_meta
+
+    kwargs = {"add_pooling_layer": spec.pooler} if name == "BertModel" else {}
+    return build_on_meta(getattr(transformers, name), config, **kwargs)
 
 
 def tied_parameters(model: torch.nn.Module) -> dict[str, str]:

@@ -62,7 +62,6 @@ def model_class(spec: EfficientNetSpec):
 
 def build_empty(spec: EfficientNetSpec, config: EfficientNetConfig | None = None) -> torch.nn.Module:
     """The model on the meta device (no memory, no initialisation that would be overwritten), in eval mode."""
-    config = config or efficientnet_config(spec)
-    with torch.device("meta"):
-        model = model_class(spec)(config)
-    return model.eval()
+    from tracer.engine.state import build_on_meta
+
+    return build_on_meta(model_class(spec), config or efficientnet_config(spec))
