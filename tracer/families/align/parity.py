@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,6 +40,24 @@ class Parity:
     @property
     def temperature_match(self) -> bool:
         return abs(self.temperature_checkpoint - self.temperature_hf) <= 1e-7 * max(1.0, abs(self.temperature_checkpoint))
+
+    def temperature_fault(self) -> str | None:
+        """What the HF temperature holds instead of the checkpoint's, with the convention it matches (None: they
+        match)."""
+        if self.temperature_match:
+            return None
+        ckpt, hf = self.temperature_checkpoint, self.temperature_hf
+        why = ""
+        if ckpt and math.isclose(hf, 1 / ckpt, rel_tol=1e-5):
+            why = ": HF holds its inverse (a logit scale where a temperature is expected)"
+        elif ckpt > 0 and math.isclose(hf, math.log(1 / ckpt), rel_tol=1e-5):
+            why = ": HF holds log(1/T), CLIP's logit_scale convention"
+        elif ckpt > 0 and math.isclose(hf, math.log(ckpt), rel_tol=1e-5, abs_tol=1e-9):
+            why = ": HF holds log(T)"
+        elif math.isclose(hf, self.temperature_default, rel_tol=1e-6):
+            why = ": HF kept the config's default temperature_init_value (the checkpoint's value was never written)"
+        return (f"the checkpoint's temperature is {ckpt:.6g} but the HF model's is {hf:.6g}{why}; logits would be "
+                f"scaled by {ckpt / hf if hf else float('inf'):.4g}× the original's")
 
     def reasons(self) -> list[str]:
         """Why the outputs fail, one line each (empty: they match)."""
