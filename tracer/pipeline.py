@@ -245,7 +245,8 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
         weight_map = table
         with stage("copy weights", timings):
             coverage = transfer(checkpoint.read, list(shapes), weight_map, hf_model,
-                                allow_nonfinite=options.allow_nonfinite)
+                                allow_nonfinite=options.allow_nonfinite, target="AlignModel",
+                                source="coyo-align ALIGN")
         if options.mapping_out:
             write_mapping_file(weight_map.entries, options.mapping_out)
         with stage("run HF", timings):

@@ -46,30 +46,28 @@ def tensor_checksum(array: np.ndarray) -> str:
     return f"{crc:08x}"
 
 
-def _family(target: str) -> str:
-    """How the help names a checkpoint of `target` (an HF class name)."""
-    return "coyo-align ALIGN" if target == "AlignModel" else f"{target}-style"
-
-
 def transfer(
     read: Callable[[str], np.ndarray],
     checkpoint_names: list[str],
     weight_map: WeightMap,
     hf_model: torch.nn.Module | StateWriter,
     allow_nonfinite: bool = False,
-    target: str = "AlignModel",
+    target: str = "HF model",
+    source: str = "",
 ) -> Coverage | None:
     """Write the checkpoint weights `weight_map` names into the HF model, reading each tensor once.
 
     Strict: a checkpoint weight no entry uses and an HF tensor left unwritten are errors that name the tensors.
     Given a model, every tensor must be written by this call; given a `StateWriter`, the caller writes the rest
-    (another tower) and calls `finish()` itself: then this returns None.
+    (another tower) and calls `finish()` itself: then this returns None. `target` (the HF class) and `source`
+    (the checkpoint it expects, e.g. "coyo-align ALIGN"; default "<target>-style") name them in the errors: the
+    engine names no model.
     """
     if weight_map.unmatched:
         raise ConversionError(
             f"{len(weight_map.unmatched)} checkpoint weight(s) have no place in {target}: "
             f"{weight_map.unmatched[:20]}; the checkpoint holds weights {target} does not have (is it a "
-            f"{_family(target)} checkpoint?), or your --mapping_file lacks them: add them to it, or run with --trace "
+            f"{source or f'{target}-style'} checkpoint?), or your --mapping_file lacks them: add them to it, or run with --trace "
             "to infer them"
         )
     writer = hf_model if isinstance(hf_model, StateWriter) else StateWriter(hf_model)
