@@ -29,7 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-import tracer  # noqa: F401  (sets TensorFlow's environment first)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tracer, not an installed one
+import tracer  # noqa: E402, F401  (sets TensorFlow's environment first)
 import tf_keras
 import torch
 from torch import nn

@@ -9,9 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fault_suite  # noqa: E402  (imports tracer before TensorFlow)
 
-# bias=False changes the torch module's weight signature, so pairing does not pair it today: the suite reports it, this test skips it
-KNOWN_GAPS = {"bias (bias=False)"}
-CASES = [(g, c) for g, c in fault_suite.cases(per_class=1) if g not in KNOWN_GAPS]
+CASES = fault_suite.cases(per_class=1)
 
 
 def test_every_checker_class_is_covered():

@@ -20,6 +20,7 @@ from tracer.engine.transforms import get_transform
 
 NEG = -1e9
 MATCH, MATCH_WEIGHTS, MATCH_ROLE, MATCH_ACTIVATION = 4.0, 2.0, 2.0, 0.5
+MATCH_BIASLESS = 1.0  # weights equal but for a bias torch lacks: below a full weight match
 CONTAINER_MATCH = 1.0
 GAP_FREE, GAP_ACTIVATION, GAP_COSTLY = 0.0, -0.5, -3.0
 DIAG, UP, FUSED = 1, 2, 3
@@ -82,14 +83,21 @@ def torch_layout(kind: str, keras_shape: tuple[int, ...]) -> tuple[int, ...]:
     return get_transform(name).shape(keras_shape) if name else tuple(keras_shape)
 
 
-def weight_signature(record: Record | None) -> tuple:
+def weight_signature(record: Record | None, bias: bool = True) -> tuple:
+    """The record's weight shapes in torch's layout, counted; `bias=False`: without its bias (a port built with
+    `bias=False` still pairs, and the bias checker names what it dropped)."""
     if record is None or not record.variables:
         return ()
+    variables = {n: s for n, s in record.variables.items() if bias or not _is_bias(n)}
     if record.framework == "keras":
-        shapes = [torch_layout(record.kind, s) for s in record.variables.values()]
+        shapes = [torch_layout(record.kind, s) for s in variables.values()]
     else:
-        shapes = list(record.variables.values())
+        shapes = list(variables.values())
     return tuple(sorted(Counter(shapes).items()))
+
+
+def _is_bias(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].rsplit(".", 1)[-1].removesuffix(":0") == "bias"
 
 
 def shape_key(record: Record) -> tuple[int, ...]:
@@ -118,7 +126,7 @@ def score_matrices(keras: list[Record], torch: list[Record]) -> tuple[np.ndarray
     """S[i, j]: Keras i with torch j. F[i, j]: Keras i (fused activation) with torch j-1 (weights) + j (activation)."""
     kinds = _codes([r.kind for r in keras + torch])
     shapes = _codes([shape_key(r) for r in keras + torch] + [nhwc_key(r) for r in torch])
-    sigs = _codes([weight_signature(r) for r in keras + torch])
+    sigs = _codes([weight_signature(r) for r in keras + torch] + [weight_signature(r, bias=False) for r in keras])
     k_roles, t_roles = _codes([r.role for r in keras]), _codes([r.role for r in torch])
     agree = np.array([[roles_agree(a, b) for b in t_roles] for a in k_roles]).reshape(len(k_roles), len(t_roles))
     acts = _codes([r.activation for r in keras + torch])
@@ -130,15 +138,18 @@ def score_matrices(keras: list[Record], torch: list[Record]) -> tuple[np.ndarray
     ks, ts = col(keras, shape_key, shapes)[:, None], col(torch, shape_key, shapes)[None, :]
     tn = col(torch, nhwc_key, shapes)[None, :]
     kw, tw = col(keras, weight_signature, sigs)[:, None], col(torch, weight_signature, sigs)[None, :]
+    kb = col(keras, lambda r: weight_signature(r, bias=False), sigs)[:, None]
     role = agree[col(keras, lambda r: r.role, k_roles)[:, None], col(torch, lambda r: r.role, t_roles)[None, :]]
     ka, ta = col(keras, lambda r: r.activation, acts)[:, None], col(torch, lambda r: r.activation, acts)[None, :]
     k_container = np.array([r.is_container for r in keras])[:, None]
     none_sig = sigs.get((), -1)  # -1: no record is unweighted
 
     same_kind, same_shape = kk == tk, (ks == ts) | (ks == tn)  # torch NCHW or as Keras lays it out
-    weights_ok = (kw == tw)
+    no_bias = (kb != kw) & (kb == tw) & (kb != none_sig)  # torch has all of Keras' weights but its bias
+    weights_ok = (kw == tw) | no_bias
     leaf = same_kind & same_shape & weights_ok & ~k_container
-    s = np.where(leaf, MATCH + MATCH_WEIGHTS * (kw != none_sig) + MATCH_ACTIVATION * (ka == ta), NEG)
+    weights = MATCH_WEIGHTS * ((kw != none_sig) & ~no_bias) + MATCH_BIASLESS * no_bias
+    s = np.where(leaf, MATCH + weights + MATCH_ACTIVATION * (ka == ta), NEG)
     container = same_kind & same_shape & k_container
     s = np.where(container, CONTAINER_MATCH + MATCH_ROLE * role, s)
 
@@ -149,8 +160,10 @@ def score_matrices(keras: list[Record], torch: list[Record]) -> tuple[np.ndarray
         fusable = np.array([r.activation not in (None, "linear") and r.kind in ("conv", "depthwise", "linear")
                             for r in keras])[:, None]
         t_act = np.array([r.kind == "activation" for r in torch])[None, 1:]
-        ok = fusable & (kk == tk[:, :-1]) & (kw == tw[:, :-1]) & (kw != none_sig) & t_act & ((ks == ts[:, 1:]) | (ks == tn[:, 1:]))
-        f[:, 1:] = np.where(ok, MATCH + MATCH_WEIGHTS + MATCH_ACTIVATION * (ka == ta[:, 1:]), NEG)
+        full, biasless = (kw == tw[:, :-1]) & (kw != none_sig), (kb != kw) & (kb == tw[:, :-1]) & (kb != none_sig)
+        ok = fusable & (kk == tk[:, :-1]) & (full | biasless) & t_act & ((ks == ts[:, 1:]) | (ks == tn[:, 1:]))
+        weights = np.where(full, MATCH_WEIGHTS, MATCH_BIASLESS)
+        f[:, 1:] = np.where(ok, MATCH + weights + MATCH_ACTIVATION * (ka == ta[:, 1:]), NEG)
     return s, f
 
 
