@@ -24,3 +24,17 @@ def test_fault_is_localised_and_named(group, case):
     result = fault_suite.run_case(group, case)
     assert result.located, (result.row, result.hint)
     assert result.named, result.hint
+
+
+def test_a_gelu_variant_under_the_local_tolerance_is_named():
+    """transformers' BertIntermediate with gelu_new for Keras' erf GELU: on demo-scale pre-activations the layer's
+    local error stays under the tolerance, yet the activation check names both functions and the row diverges."""
+    from tracer.engine.compare import LOCAL_REL_L2
+
+    group, case = next((g, c) for g, c in fault_suite.cases(per_class=5) if c.name.startswith("bert: layer 1 intermediate gelu_new"))
+    result = fault_suite.run_case(group, case)
+    assert result.located and result.named, (result.row, result.hint)
+    assert "gelu_new" in result.hint and "gelu (erf)" in result.hint
+    assert result.verdict == "diverged"
+    local = float(result.hint.rsplit("differ by rel_l2 ", 1)[1])
+    assert local < LOCAL_REL_L2  # the case this test is for: a fault the tolerance alone would miss

@@ -236,6 +236,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
     import torch
 
     from tracer.engine.diagnose import diagnose as run_diagnosis
+    from tracer.engine.diagnose import suspect
     from tracer.engine.record.keras import check_tf_keras
     from tracer.engine.state import StateWriter, hf_shapes
     from tracer.engine.transfer import transfer
@@ -312,7 +313,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         timings["trace and compare"] = time.perf_counter() - started - sum(timings.values())
 
         hints: list[str] = []
-        if diagnose and (not outputs.ok or any(r["status"] == "diverged" for r in rows)):
+        if diagnose and (not outputs.ok or any(r["status"] == "diverged" or suspect(r) for r in rows)):
             needed = needed_for_diagnosis(rows, final, not outputs.ok)
             keras_records, torch_records, _, _ = side.run(
                 _select(keras_in, slice(0, 1)), _select(torch_in, slice(0, 1)), [Measured() for _ in paired],

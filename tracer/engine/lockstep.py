@@ -178,12 +178,12 @@ def needed_for_diagnosis(rows: list[dict], pairs, off: bool, window: int = 30) -
     """Record orders whose arrays the diagnosis needs, per side: around each row it explains (its block's members
     before it, the pads after it) and the first layers (the preprocessing check). `off`: the outputs miss their
     tolerance."""
-    from tracer.engine.diagnose import target_rows
+    from tracer.engine.diagnose import suspect, target_rows
 
     needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
     by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
     targets, _ = target_rows(rows, lambda part: off or any(r["status"] == "diverged" for r in rows))
-    for row in targets[:10]:
+    for row in targets[:10] + [r for r in rows if suspect(r)][:10]:
         pair = by_path.get((row["keras_layer"], row["hf_module"]))
         for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
             if record is not None:

@@ -263,9 +263,9 @@ def mapping_frame(entries) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ summary
 def _local_fault(row: dict) -> bool:
     local = _float(row.get("local_rel_l2"))
-    if math.isfinite(local):
-        return local > compare.TOLERANCES["local_rel_l2"]
-    return row.get("status") == "diverged"
+    if math.isfinite(local) and local > compare.TOLERANCES["local_rel_l2"]:
+        return True
+    return row.get("status") == "diverged"  # also a sub-tolerance activation fault (diagnose.SUSPECT_LOCAL)
 
 
 def _accumulated_fault(row: dict) -> bool:
