@@ -12,6 +12,7 @@ from tracer.engine.state import (StateWriter, build_on_meta, expected_state, hf_
 from tracer.errors import BadInputError
 from tracer.families.align.towers import FEATURES, TOWERS
 from tracer.families.align.spec import AlignSpec
+from tracer.families.bert.hf import encoder_fields
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +29,7 @@ def align_config(spec: AlignSpec, temperature: float = 1.0) -> AlignConfig:
         hidden_act="swish",
         pooling_type="mean",
     )
-    text = AlignTextConfig(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings,
-        type_vocab_size=t.type_vocab_size,
-        layer_norm_eps=t.layer_norm_eps,
-        hidden_act="gelu",
-        pad_token_id=0,
-    )
+    text = AlignTextConfig(**encoder_fields(t), hidden_act="gelu")
     return AlignConfig(
         text_config=text.to_dict(),
         vision_config=vision.to_dict(),

@@ -16,6 +16,14 @@ from tracer.families.bert.spec import HF_CLASSES, BertSpec
 StateWriter = _transfer.StateWriter  # wherever the engine keeps it, the writer `transfer` takes
 
 
+def encoder_fields(spec) -> dict:
+    """A BERT encoder's config fields from a spec that has its sizes (a `BertSpec`, ALIGN's `TextSpec`)."""
+    return {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads, "intermediate_size": spec.intermediate_size,
+            "max_position_embeddings": spec.max_position_embeddings, "type_vocab_size": spec.type_vocab_size,
+            "layer_norm_eps": spec.layer_norm_eps, "pad_token_id": 0}
+
+
 def bert_config(spec: BertSpec) -> BertConfig:
     """The config transformers saves with the model; `architectures` names the chosen class."""
     kwargs = {}
@@ -23,16 +31,8 @@ def bert_config(spec: BertSpec) -> BertConfig:
         labels = spec.id2label or {i: f"LABEL_{i}" for i in range(spec.num_labels)}
         kwargs.update(id2label=dict(labels), label2id={v: k for k, v in labels.items()})
     return BertConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        intermediate_size=spec.intermediate_size,
+        **encoder_fields(spec),
         hidden_act=spec.hidden_act,
-        max_position_embeddings=spec.max_position_embeddings,
-        type_vocab_size=spec.type_vocab_size,
-        layer_norm_eps=spec.layer_norm_eps,
-        pad_token_id=0,
         tie_word_embeddings=True,  # the MLM decoder is the embedding table (checked when written)
         architectures=[spec.model_class],
         **kwargs,
