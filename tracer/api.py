@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from tracer.engine.compare import Measured, layer_rows, module_blocks
+from tracer.engine.compare import Measured, layer_rows, module_blocks, nhwc_to_nchw
 from tracer.engine.infer import infer_mapping, reconcile
 from tracer.engine.lockstep import Lockstep, final_pairs, needed_for_diagnosis
 from tracer.engine.mapping import Entry, WeightMap, map_by_file, read_mapping
@@ -76,7 +76,7 @@ def torch_inputs_from_keras(tree):
     if a.dtype.kind in "iub":
         return a.astype(np.int64)
     a = a.astype(np.float32, copy=False)
-    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2))) if a.ndim == 4 else a
+    return np.ascontiguousarray(nhwc_to_nchw(a))
 
 
 def _torch_call(tree) -> tuple[tuple, dict]:

@@ -25,6 +25,11 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(num / np.maximum(den, 1e-30))) if len(a) else 1.0
 
 
+def nhwc_to_nchw(array: np.ndarray) -> np.ndarray:
+    """A 4-D channels-last array in torch's axis order (NCHW, a view); other ranks as they are."""
+    return np.transpose(array, (0, 3, 1, 2)) if array.ndim == 4 else array
+
+
 def to_keras_layout(torch_array: np.ndarray, keras_shape: tuple[int, ...], layout: str = "nchw") -> np.ndarray:
     """A torch activation in Keras layout: NCHW -> NHWC (`layout` "nchw", see `Pair.layout`), then singleton axes
     reconciled by a reshape."""
@@ -36,7 +41,7 @@ def to_keras_layout(torch_array: np.ndarray, keras_shape: tuple[int, ...], layou
 
 def to_torch_layout(keras_array: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
     """A Keras activation in torch layout: NHWC -> NCHW, then singleton axes reconciled by a reshape."""
-    a = np.transpose(keras_array, (0, 3, 1, 2)) if keras_array.ndim == 4 and len(torch_shape) == 4 else keras_array
+    a = nhwc_to_nchw(keras_array) if len(torch_shape) == 4 else keras_array
     if tuple(a.shape) != tuple(torch_shape) and a.size == int(np.prod(torch_shape)):
         a = a.reshape(torch_shape)
     return a

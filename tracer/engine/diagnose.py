@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from tracer.engine.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, to_keras_layout
+from tracer.engine.compare import (ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, nhwc_to_nchw,
+                                   to_keras_layout)
 from tracer.engine.record import output_layout
 
 logger = logging.getLogger(__name__)
@@ -634,7 +635,7 @@ def _torch_input(array: np.ndarray, layout: str = "nchw"):
     """A Keras float activation as the HF module takes it (NHWC -> NCHW for 4-D maps laid out so)."""
     import torch
 
-    a = np.transpose(array, (0, 3, 1, 2)) if array.ndim == 4 and layout == "nchw" else array
+    a = nhwc_to_nchw(array) if layout == "nchw" else array
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 

@@ -197,7 +197,9 @@ class Inputs:
         """float32 NCHW in [-1, 1]: the processor's rescale (x * (1/127.5) - 1) applied to the same pixels."""
         import torch
 
-        chw = np.ascontiguousarray(rescale_like_processor(self.pixel_values_nhwc, rescale_factor).transpose(0, 3, 1, 2))
+        from tracer.engine.compare import nhwc_to_nchw
+
+        chw = np.ascontiguousarray(nhwc_to_nchw(rescale_like_processor(self.pixel_values_nhwc, rescale_factor)))
         return torch.from_numpy(chw)
 
     def torch_text(self) -> dict:
