@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tracer, not an installed one
-import tracer  # noqa: E402, F401  (sets TensorFlow's environment first)
+import tracer  # noqa: F401  (sets TensorFlow's environment first)
 import tf_keras
 import torch
 from torch import nn
@@ -38,23 +38,12 @@ import torch.nn.functional as F
 
 from tracer.engine.diagnose import hint_classes
 from tracer.engine.report import first_divergences
+from tracer.families.efficientnet.demo import calibrate_batch_norm  # BatchNorm statistics: activations O(1)
 
 ROOT = Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def calibrate(model, inputs) -> None:
-    """BatchNorm moving statistics := the batch statistics of `inputs` (one training pass, momentum 0), so
-    activations stay well-scaled with random weights."""
-    norms = [layer for layer in model.submodules if isinstance(layer, tf_keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in norms]
-    for layer in norms:
-        layer.momentum = 0.0
-    model(inputs, training=True)
-    for layer, momentum in zip(norms, saved):
-        layer.momentum = momentum
-
-
 def smooth_images(rng, n: int, size: int, scale: float = 1.0) -> np.ndarray:
     """Low-pass noise (natural-looking images), mean 0 and std about `scale`."""
     noise = rng.standard_normal((n, size // 4, size // 4, 3)).astype(np.float32)
@@ -133,7 +122,7 @@ def cnn(seed: int, act: str = "swish", rescale: bool = False, stride: int = 1, z
         images = smooth_images(rng, 8, 16)
     keras_model(images[:1])
     randomise_keras(keras_model, rng)
-    calibrate(keras_model, images)
+    calibrate_batch_norm(keras_model, images)
     first = TFSameConv2d(3, 8, 3, stride=stride) if stride > 1 else nn.Conv2d(3, 8, 3, padding=1)
     modules = [first, _TORCH_ACT[act](), nn.BatchNorm2d(8, eps=1e-3)]
     if zero_pad:

@@ -12,20 +12,9 @@ from torch import nn
 
 from tracer.engine.diagnose import hint_classes
 from tracer.errors import BadInputError
+from tracer.families.efficientnet.demo import calibrate_batch_norm
 
 RNG = np.random.default_rng(0)
-
-
-def _calibrate(model, images: np.ndarray) -> None:
-    """BatchNorm moving statistics := the batch statistics of `images` (one training-mode pass, momentum 0), so
-    activations stay well-scaled through a deep net with random weights."""
-    norms = [layer for layer in model.submodules if isinstance(layer, tf_keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in norms]
-    for layer in norms:
-        layer.momentum = 0.0
-    model(images, training=True)
-    for layer, momentum in zip(norms, saved):
-        layer.momentum = momentum
 
 
 def _smooth_images(n: int, size: int) -> np.ndarray:
@@ -42,7 +31,7 @@ def efficientnet_pair():
 
     tf_keras.utils.set_random_seed(1)
     keras_model = tf_keras.applications.EfficientNetB0(weights=None, classifier_activation=None)
-    _calibrate(keras_model, _smooth_images(16, 224))
+    calibrate_batch_norm(keras_model, _smooth_images(16, 224))
     config = EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0, image_size=224, dropout_rate=0.2,
                                 depthwise_padding=[], hidden_dim=1280, num_labels=1000)
     torch_model = EfficientNetForImageClassification(config).eval()
@@ -176,7 +165,7 @@ def _cnn_pair(stride=1, eps=1e-3):
         tf_keras.layers.GlobalAveragePooling2D(),
         tf_keras.layers.Dense(10),
     ])
-    _calibrate(keras_model, RNG.standard_normal((8, 16, 16, 3)).astype(np.float32))
+    calibrate_batch_norm(keras_model, RNG.standard_normal((8, 16, 16, 3)).astype(np.float32))
     torch_model = nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=stride, padding=1), nn.ReLU(), nn.BatchNorm2d(8, eps=eps),
         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
