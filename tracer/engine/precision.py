@@ -9,6 +9,8 @@ float64 model that alone leaves ~5e-8 of float32 round-off in every attention la
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 ATTENTION = "tracer_float64_eager"
@@ -60,3 +62,48 @@ def to_float32(model: torch.nn.Module) -> torch.nn.Module:
             if c is not None and getattr(c, "_attn_implementation", None) == ATTENTION:
                 c._attn_implementation = "eager"
     return model
+
+
+@contextmanager
+def keras_floatx(float64: bool):
+    """Keras layers made inside take float64 as their dtype (with `float64`; else nothing changes); the process's
+    own setting is restored afterwards."""
+    if not float64:
+        yield
+        return
+    import tf_keras
+
+    before = tf_keras.backend.floatx()
+    tf_keras.backend.set_floatx("float64")
+    try:
+        yield
+    finally:
+        tf_keras.backend.set_floatx(before)
+
+
+def keras_float64(model):
+    """A tf_keras model in float64: itself when every float weight already is; else a functional or Sequential
+    model rebuilt layer by layer (same layer names) in float64, its weights cast from the original's. A subclassed
+    model cannot be rebuilt from outside: `BadInputError`, build it under `tf_keras.backend.set_floatx('float64')`."""
+    import numpy as np
+    import tf_keras
+
+    from tracer.errors import BadInputError
+
+    floats = [w for w in model.weights if w.dtype.is_floating]
+    if all(w.dtype.name == "float64" for w in floats) and getattr(model, "dtype", "float64") == "float64":
+        return model
+    if not isinstance(model, (tf_keras.Sequential, tf_keras.Model)) or not getattr(model, "_is_graph_network",
+                                                                                  isinstance(model, tf_keras.Sequential)):
+        raise BadInputError(f"float64=True needs the Keras model in float64, and a subclassed "
+                            f"{type(model).__name__} cannot be rebuilt from outside: build it under "
+                            "tf_keras.backend.set_floatx('float64') and pass that")
+
+    def clone(layer):
+        return type(layer).from_config({**layer.get_config(), "dtype": "float64"})
+
+    with keras_floatx(True):
+        copy = tf_keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights([np.asarray(w, np.float64) if np.asarray(w).dtype.kind == "f" else w
+                      for w in model.get_weights()])
+    return copy
