@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import tracer  # noqa: F401  (before TensorFlow: legacy Keras)
+import tracer  # before TensorFlow: legacy Keras
 
 tf_keras = pytest.importorskip("tf_keras")
 torch = pytest.importorskip("torch")
 
-import convert  # noqa: E402
-from tracer.engine.compare import FLOAT32, FLOAT64, Tolerances  # noqa: E402
-from tracer.engine.diagnose import hint_classes  # noqa: E402
+import convert
+from tracer.engine.compare import FLOAT32, FLOAT64, Tolerances
+from tracer.engine.diagnose import hint_classes
 
 ROUND_OFF = 1e-12  # the bar: "both sides agree to float64 round-off"
 
@@ -42,7 +42,8 @@ def worst(rows) -> tuple[float, float]:
 
 def test_the_float64_set_is_tighter_and_the_run_picks_it():
     assert FLOAT64.local_rel_l2 < FLOAT32.local_rel_l2 * 1e-6
-    assert FLOAT64.accumulated_rel_l2 <= ROUND_OFF and FLOAT64.embeds_max_abs < FLOAT32.embeds_max_abs
+    assert FLOAT64.accumulated_rel_l2 < FLOAT32.accumulated_rel_l2 * 1e-4
+    assert FLOAT64.embeds_max_abs < FLOAT32.embeds_max_abs * 1e-4
     assert Tolerances.for_run(False) is FLOAT32 and Tolerances.for_run(True) is FLOAT64
     assert Tolerances.for_run(True, atol=1e-7).embeds_max_abs == 1e-7
     assert Tolerances.for_run(True, atol=1e-7).local_rel_l2 == FLOAT64.local_rel_l2
@@ -123,7 +124,7 @@ def test_tiny_align_in_float64_agrees_at_every_layer_and_saves_float32(tiny_bund
     assert summary["verdict"] == "match"
     assert summary["tolerances"]["local_rel_l2"] == FLOAT64.local_rel_l2
     with safe_open(str(saved / "model.safetensors"), "np") as f:  # a float64 trace is a check: float32 is saved
-        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        dtypes = {f.get_tensor(k).dtype for k in f}
     assert np.dtype(np.float64) not in dtypes and np.dtype(np.float32) in dtypes
     config = json.loads((saved / "config.json").read_text())
     assert config.get("dtype", "float32") == "float32"
@@ -165,4 +166,4 @@ def test_bert_family_in_float64_agrees_at_every_layer(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(saved / "model.safetensors"), "np") as f:
-        assert np.dtype(np.float64) not in {f.get_tensor(k).dtype for k in f.keys()}
+        assert np.dtype(np.float64) not in {f.get_tensor(k).dtype for k in f}

@@ -267,7 +267,7 @@ class Tolerances:
                 "amplified_max_abs": self.amplified_max_abs, "embeds_max_abs": self.embeds_max_abs}
 
     @staticmethod
-    def for_run(float64: bool = False, atol: float | None = None) -> "Tolerances":
+    def for_run(float64: bool = False, atol: float | None = None) -> Tolerances:
         """The set for a run's precision, with the user's `--atol` (when given) as the output tolerance."""
         base = FLOAT64 if float64 else FLOAT32
         return base if atol is None else replace(base, embeds_max_abs=float(atol))
@@ -278,12 +278,14 @@ class Tolerances:
 # catches every real fault we inject (eps, gelu variant, a swapped or transposed weight, padding: all >= 1e-3).
 FLOAT32 = Tolerances("float32", local_rel_l2=1e-4, accumulated_rel_l2=1e-4, amplified_max_abs=DEFAULT_ATOL,
                      embeds_max_abs=DEFAULT_ATOL)
-# Float64 on both sides (`--float64`): one op's round-off is ~1e-16, and on ALIGN-base's reference inputs the
-# worst layer (local or accumulated, 905 layers) stays at a few 1e-15 (README, "--float64"). 1e-12 leaves two
-# orders of margin, is the bar the issue sets ("agree to float64 round-off"), and is below what a LayerNorm eps
-# of 1e-11 instead of 1e-12 does to a layer of unit variance (~5e-12); the same margins give the absolute and
-# output tolerances (the float32 set's 1e-3 is ~1e4 times its round-off; 1e-9 is as far above float64's).
-FLOAT64 = Tolerances("float64", local_rel_l2=1e-12, accumulated_rel_l2=1e-12, amplified_max_abs=1e-9,
+# Float64 on both sides (`--float64`): one op's round-off is ~1e-16. Measured on ALIGN-base's reference inputs
+# (905 layers, README "--float64"): the worst local error 2.4e-15, the worst accumulated 1.5e-13 (it grows through
+# the 55 vision blocks). Local 1e-12 is the issue's bar ("agree to float64 round-off"), 400x above the worst
+# measured, and below what a LayerNorm eps of 1e-11 instead of 1e-12 does to a layer of unit variance (~5e-12).
+# Accumulated 1e-10: above it a layer is only "amplified" unless its own error is over too, and deeper models
+# than ALIGN-base carry more; the float32 set's 1e-3 on absolute differences and outputs is ~1e4 times its
+# round-off, 1e-9 is as far above float64's.
+FLOAT64 = Tolerances("float64", local_rel_l2=1e-12, accumulated_rel_l2=1e-10, amplified_max_abs=1e-9,
                      embeds_max_abs=1e-9)
 # The float32 set's values under their old names (the engine's float32-only helpers read them).
 LOCAL_REL_L2 = FLOAT32.local_rel_l2

@@ -31,7 +31,10 @@ def _eager_attention_float64(module, query, key, value, attention_mask, scaling:
 def _register() -> None:
     """The attention, and its mask built as for transformers' eager attention (an additive float mask)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     AttentionInterface.register(ATTENTION, _eager_attention_float64)
     AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
