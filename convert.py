@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mapping", choices=["table", "infer", "auto"], default=None,
                    help="table: the rename rules alone; infer: the tracer alone; auto (default with --trace): "
                         "the table where it has rules, inference for every gap")
+    p.add_argument("--float64", action="store_true",
+                   help="--trace: run both models in float64 (the Keras reference built in float64, the HF model "
+                        "in double, the inputs in float64) and judge every layer by float64 tolerances; exposes "
+                        "faults float32 round-off hides. The saved model stays float32, the checkpoint's dtype")
     p.add_argument("--report_dir", default=None, help="where --trace writes its report (default reports/<run>)")
     p.add_argument("--hf_config", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override the derived AlignConfig, to test a hypothesis (repeatable), "
@@ -116,7 +120,7 @@ def _start_keras(args: argparse.Namespace):
     from tracer.families.align.inputs import IMAGE_SIZE, SEQ_LENGTH
     from tracer.families.align.keras_side import KerasProcess
 
-    return KerasProcess(args.checkpoint_path, args.image_size or IMAGE_SIZE, SEQ_LENGTH)
+    return KerasProcess(args.checkpoint_path, args.image_size or IMAGE_SIZE, SEQ_LENGTH, float64=args.float64)
 
 
 def _family(args: argparse.Namespace) -> str:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from tracer.engine.compare import Measured, layer_rows, module_blocks, nhwc_to_nchw
+from tracer.engine.compare import Measured, Tolerances, layer_rows, module_blocks, nhwc_to_nchw
 from tracer.engine.infer import infer_mapping, reconcile
 from tracer.engine.lockstep import Lockstep, final_pairs, needed_for_diagnosis
 from tracer.engine.mapping import Entry, WeightMap, map_by_file, read_mapping
@@ -65,6 +65,15 @@ def _batch(tree, what: str) -> int:
     return sizes.pop()
 
 
+def _as_float64(tree):
+    """Float arrays as float64 (a float64 run), the rest as they are."""
+    if isinstance(tree, dict):
+        return {k: _as_float64(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_as_float64(v) for v in tree)
+    return tree.astype(np.float64) if tree.dtype.kind == "f" else tree
+
+
 def torch_inputs_from_keras(tree):
     """The torch side of Keras inputs: 4-D float arrays become NCHW float32, integer arrays int64, other floats
     float32; a dict stays a dict (keyword arguments), a list stays a list (positional)."""
@@ -75,7 +84,7 @@ def torch_inputs_from_keras(tree):
     a = np.asarray(tree)
     if a.dtype.kind in "iub":
         return a.astype(np.int64)
-    a = a.astype(np.float32, copy=False)
+    a = a.astype(np.float64 if a.dtype == np.float64 else np.float32, copy=False)
     return np.ascontiguousarray(nhwc_to_nchw(a))
 
 
@@ -224,15 +233,17 @@ class _Side:
 def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer", copy_weights: bool = True,
           tolerances: dict | float | None = None, activation_budget_mb: float = DEFAULT_BUDGET_MB,
           block_of: Callable | None = None, diagnose: bool = True, title: str = "tracer report",
-          fill_gaps: bool = False, output_filter: Callable | None = None) -> Run:
+          fill_gaps: bool = False, output_filter: Callable | None = None, float64: bool = False) -> Run:
     """Trace `keras_model` (any tf_keras model) against `torch_model` (any `torch.nn.Module`) on `inputs`.
 
     `inputs`: what the Keras model takes (an array, a list or a dict of arrays, batch first). `torch_inputs`:
     what the torch model takes, when it differs from the derived NCHW/int64 copy. `mapping`: "infer", a mapping
     file (CSV/JSON), a `{keras name: torch name}` dict or a `WeightMap`. `copy_weights=False` keeps the torch
     model's own weights and says which Keras weight each equals. `tolerances`: max|Δ| per model output (by the
-    Keras output's name, or one number for all). `block_of(pair)`: the report's block of a row (default: the
-    torch module tree)."""
+    Keras output's name, or one number for all; default: the precision's, `compare.Tolerances`). `block_of(pair)`:
+    the report's block of a row (default: the torch module tree). `float64`: both sides in float64 (the Keras
+    model rebuilt in float64 unless it is already, see `precision.keras_float64`; the torch model turned double
+    in place; float inputs cast) and every layer judged by `compare.FLOAT64`."""
     import torch
 
     from tracer.engine.diagnose import diagnose as run_diagnosis
@@ -246,9 +257,21 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         raise BadInputError(f"expected a torch.nn.Module, got a {type(torch_model).__name__}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    tol = Tolerances.for_run(float64)
+    if float64:
+        from tracer.engine.precision import keras_float64, to_float64
+
+        keras_model = keras_float64(keras_model)
+        to_float64(torch_model)
+        if tolerances is None:
+            tolerances = tol.embeds_max_abs
     keras_in = _numpy_tree(inputs)
+    if float64:
+        keras_in = _as_float64(keras_in)
     total = _batch(keras_in, "inputs")
     torch_in = _numpy_tree(torch_inputs) if torch_inputs is not None else torch_inputs_from_keras(keras_in)
+    if float64:
+        torch_in = _as_float64(torch_in)
     if _batch(torch_in, "torch inputs") != total:
         raise BadInputError(f"`torch_inputs` has another batch size than `inputs` ({total})")
     was_training = torch_model.training
@@ -307,7 +330,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         by_probe = dict(zip(map(id, paired), measured))
         final = final_pairs(pairs, keras_records, torch_records, by_probe)
         block_of = block_of or module_blocks(final)
-        rows = layer_rows(final, weight_map.entries, block_of)
+        rows = layer_rows(final, weight_map.entries, block_of, tol)
         keep = output_filter or (lambda outputs: outputs)
         outputs = compare_outputs(keep(_concat(keras_out)), keep(_concat(torch_out)), tolerances)
         timings["trace and compare"] = time.perf_counter() - started - sum(timings.values())
@@ -328,7 +351,8 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         record.layer = None  # a record would keep the Keras layer (and its variables) alive
     return Run(rows=rows, pairs=final, entries=weight_map.entries, outputs=outputs, hints=hints,
                conflicts=conflicts, unmapped_keras=unmapped, unwritten_torch=unwritten,
-               preprocessing=sorted(preprocessing), copied=copy_weights, timings=timings, title=title)
+               preprocessing=sorted(preprocessing), copied=copy_weights, timings=timings, title=title,
+               tolerances=tol)
 
 
 def _decide_by_numbers(keras_model, torch_model, keras_example, torch_example, pairs: list[Pair],

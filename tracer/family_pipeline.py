@@ -65,6 +65,11 @@ def convert_family(options, family: Family) -> FamilyResult:
     preflight(options)
     if options.hf_config:
         raise BadInputError(f"--hf_config is not supported for {family.name} checkpoints yet: drop it")
+    if options.float64 and not options.trace:
+        raise BadInputError("--float64 runs both models in float64 to compare them layer by layer: add --trace")
+    if options.float64 and not family.float64:
+        raise BadInputError(f"--float64 is not supported for {family.name} checkpoints yet (its processor gives the "
+                            "HF side float32 inputs): drop it")
     with stage("read checkpoint", timings):
         checkpoint = open_checkpoint(options.checkpoint_path)
         spec = family.derive(checkpoint, options)
@@ -94,9 +99,13 @@ def convert_family(options, family: Family) -> FamilyResult:
     with stage("prepare inputs", timings):
         processor = family.processor(spec, options)
         example = family.example(spec, processor, options)
+    from tracer.engine.precision import keras_floatx, to_float32, to_float64
+
     with stage("build HF model", timings):
         hf_model = family.build_hf(spec, options)
-    with stage("build Keras reference", timings):
+        if options.float64:  # the weights arrive cast to float64
+            hf_model = to_float64(hf_model)
+    with stage("build Keras reference", timings), keras_floatx(options.float64):
         reference = family.keras_reference(spec, read)
         unused = [n for n in keras_shapes if n not in set(reference.consumed)]
         if unused:
@@ -113,9 +122,10 @@ def convert_family(options, family: Family) -> FamilyResult:
         with stage("trace", timings):
             run = tracer.api.trace(reference.model, hf_model, example.keras, torch_inputs=example.torch,
                                    mapping=table if table is not None else "infer", fill_gaps=mode == "auto",
-                                   tolerances=atol, activation_budget_mb=options.activation_budget_mb,
+                                   tolerances=None if options.float64 else atol,
+                                   activation_budget_mb=options.activation_budget_mb,
                                    title=f"{family.name} conversion report",
-                                   output_filter=family.output_filter(example))
+                                   output_filter=family.output_filter(example), float64=options.float64)
         entries, parity = run.entries, run.outputs
         if options.mapping_out:
             from tracer.pipeline import write_mapping_file
@@ -172,6 +182,8 @@ def convert_family(options, family: Family) -> FamilyResult:
     if save:
         card = model_card(options, family, spec, result)
         result.model = None
+        if options.float64:  # a float64 trace checks the conversion; the model is the checkpoint's float32
+            hf_model = to_float32(hf_model)
         result.saved_to, result.model, result.reload_checked = save_verified(
             hf_model, processor, Path(options.pytorch_dump_folder_path), options.overwrite, timings,
             options.max_shard_size, card=card)

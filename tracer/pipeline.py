@@ -15,7 +15,7 @@ import torch
 
 from tracer.families.align import hf as hf_side
 from tracer.io.checkpoint import open_checkpoint
-from tracer.engine.compare import DEFAULT_ATOL, max_abs
+from tracer.engine.compare import FLOAT32, Tolerances, max_abs
 from tracer.families.align.blocks import align_blocks
 from tracer.families.align.parity import Parity, compare_embeddings, with_embeds
 from tracer.errors import BadInputError, ConversionError, ParityError, PushError
@@ -48,7 +48,7 @@ class ConvertOptions:
     vocab_file: str | None = None  # a vocab.txt or a local tokenizer folder
     mapping_file: str | None = None
     mapping_out: str | None = None
-    atol: float = DEFAULT_ATOL
+    atol: float | None = None  # max|Δ| on the embeddings; default: the run's precision's (`compare.Tolerances`)
     overwrite: bool = False
     allow_nonfinite: bool = False
     image_size: int | None = None  # the family's default (ALIGN 289, an EfficientNet variant's own)
@@ -63,6 +63,7 @@ class ConvertOptions:
     hf_config: list[str] = field(default_factory=list)  # KEY=VALUE overrides of the derived AlignConfig
     activation_budget_mb: float = DEFAULT_ACTIVATION_BUDGET_MB  # --trace: activation memory while comparing
     max_shard_size: str = DEFAULT_SHARD_SIZE  # safetensors shards of the saved model
+    float64: bool = False  # --trace: both models in float64, compared with float64 tolerances; saved in float32
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ConversionResult:
     hints: list[str] = field(default_factory=list)  # run-level cause hints
     report: Path | None = None
     pushed_to: str | None = None  # the hub repository, after --push_to_hub
+    tolerances: Tolerances = FLOAT32  # the run's thresholds (its precision's)
     title: str = "ALIGN conversion report"
     part_titles: dict = field(default_factory=lambda: {"vision": "Image tower (EfficientNet)",
                                                        "text": "Text tower (BERT)"})
@@ -186,6 +188,10 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
     before importing torch); by default in this process."""
     timings: dict[str, float] = {}
     mode = _mode(options)
+    if options.float64 and not options.trace:
+        raise BadInputError("--float64 runs both models in float64 to compare them layer by layer: add --trace")
+    tolerances = Tolerances.for_run(options.float64, options.atol)
+    atol = tolerances.embeds_max_abs
     preflight(options)  # output folders and files, before any heavy work
     destination = Path(options.pytorch_dump_folder_path)
     save = options.save_model or options.push_to_hub  # a push uploads the saved, reloaded and checked folder
@@ -221,6 +227,10 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
         config = hf_side.align_config(spec)
         hf_side.override_config(config, options.hf_config)
         hf_model = hf_side.build_empty(config)
+        if options.float64:  # on the meta device: the weights arrive cast to float64
+            from tracer.engine.precision import to_float64
+
+            hf_model = to_float64(hf_model)
 
     traced = None
     if options.trace:
@@ -260,10 +270,9 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
                            "by layer")
     temperature = float(checkpoint.read(spec.temperature_name))
     hf_model.config.temperature_init_value = temperature
-    parity = compare_embeddings(reference, hf_out, temperature, float(hf_model.temperature.detach()), options.atol,
-                                against)
+    parity = compare_embeddings(reference, hf_out, temperature, float(hf_model.temperature.detach()), atol, against)
     result = ConversionResult(spec, weight_map.entries, coverage, parity, len(checkpoint.set_aside), timings,
-                              model=hf_model, rows=traced.rows if traced else [])
+                              model=hf_model, rows=traced.rows if traced else [], tolerances=tolerances)
     result.reference_max_abs = {k: max_abs(v, hf_out[k]) for k, v in inputs.reference.items() if k in hf_out}
     checkpoint.close()
     if options.trace:
@@ -287,12 +296,14 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
     if diverged:  # within tolerance at the end, but a layer computes something else: not silent
         first = diverged[0]
         raise ParityError(f"{len(diverged)} layer(s) diverge although the embeddings are within atol "
-                          f"{options.atol:g}; the first is {first['keras_layer'] or first['hf_module']} in "
+                          f"{atol:g}; the first is {first['keras_layer'] or first['hf_module']} in "
                           f"{first['block']} (see {result.report}).{nothing}", result)
-    off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and not v <= options.atol}
+    # Reference outputs come from the original in float32: a float64 run is held to the float32 tolerance there.
+    ref_atol = options.atol if options.atol is not None else FLOAT32.embeds_max_abs
+    off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and not v <= ref_atol}
     if off:
         raise ParityError(f"the converted model matches the Keras reference but not the reference outputs in "
-                          f"{inputs.source}: {off} (atol {options.atol:g}); those outputs were computed from other "
+                          f"{inputs.source}: {off} (atol {ref_atol:g}); those outputs were computed from other "
                           f"weights or other inputs, or the reference model differs from the original.{nothing}", result)
 
     if save:
@@ -300,6 +311,10 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
 
         card = model_card(options, "align", spec, result)
         result.model = None
+        if options.float64:  # a float64 trace checks the conversion; the model is the checkpoint's float32
+            from tracer.engine.precision import to_float32
+
+            hf_model = to_float32(hf_model)
         result.saved_to, result.model, result.reload_checked = save_verified(
             hf_model, processor, destination, options.overwrite, timings, options.max_shard_size, card=card)
     if options.push_to_hub:

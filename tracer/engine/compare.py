@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -82,10 +82,13 @@ class Sums:
     def add_each(reference: np.ndarray, targets: list[tuple["Sums", np.ndarray]]) -> None:
         """`sums.add(reference, candidate)` for each (sums, candidate) of `targets`, in one pass over `reference`
         (its blocks and r·r are shared)."""
-        r = np.atleast_1d(np.asarray(reference, np.float32))
+        # Float32 unless a side is float64 (a `--float64` run): its differences at 1e-16 need float64 to exist.
+        wide = np.asarray(reference).dtype == np.float64 or any(np.asarray(c).dtype == np.float64 for _, c in targets)
+        dtype = np.float64 if wide else np.float32
+        r = np.atleast_1d(np.asarray(reference, dtype))
         candidates = []
         for _, c in targets:
-            c = np.asarray(c, np.float32)
+            c = np.asarray(c, dtype)
             if c.shape != r.shape:
                 if c.size != r.size:
                     raise ValueError(f"compared arrays differ in shape: {r.shape} and {c.shape}")
@@ -93,8 +96,8 @@ class Sums:
             candidates.append(c)
         if r.size == 0:
             return
-        buffer = np.empty(min(r.size, _BLOCK), np.float32)
-        ones = np.ones(buffer.size, np.float32)  # Σ|d| as a BLAS dot: 3x faster than np.sum's pairwise sum
+        buffer = np.empty(min(r.size, _BLOCK), dtype)
+        ones = np.ones(buffer.size, dtype)  # Σ|d| as a BLAS dot: 3x faster than np.sum's pairwise sum
         with np.errstate(all="ignore"):  # inf - inf is NaN, as torch gave it, without a warning
             for index in _blocks(r.shape, _BLOCK):
                 rb = r[index]
@@ -190,12 +193,12 @@ LOCAL_KINDS = {"conv", "depthwise", "batchnorm", "linear", "layernorm", "activat
 
 def _to_torch(array: np.ndarray, module_param_4d: bool):
     """A Keras-side array as the HF module's input: ids as int64; NHWC activations as NCHW *views* (channels-last
-    strides, no copy: torch's kernels take them as they are)."""
+    strides, no copy: torch's kernels take them as they are); float64 stays float64 (a `--float64` run)."""
     import torch
 
     if array.dtype.kind in "iu":
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-    tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    tensor = torch.from_numpy(np.asarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32))
     return tensor.permute(0, 3, 1, 2) if tensor.ndim == 4 and module_param_4d else tensor
 
 
@@ -241,23 +244,61 @@ def local_output(pair) -> np.ndarray | None:
     return to_keras_layout(array, k.shape, pair.layout)
 
 
-# Tolerances on relative L2 error (‖hf − keras‖ / ‖keras‖), float32 on both sides.
-# Local: the error one layer makes on the Keras layer's own input. Float32 round-off of one op is ~1e-7 relative;
-# reductions over thousands of terms (a 3x3x640 conv, a 3072-wide Dense, a softmax over 64 keys) reach ~1e-6.
-# 1e-4 leaves two orders of margin and still catches the real faults we inject (eps, a swapped or transposed
-# weight, padding: all ≥ 1e-3); a GELU variant on small pre-activations stays under it (diagnose.SUSPECT_LOCAL).
-LOCAL_REL_L2 = 1e-4
-# Accumulated: the error carried from the input through every upstream layer. It grows with depth even when
-# every layer is right, so above this a layer is only "amplified" unless its own local error is also too large.
-ACCUMULATED_REL_L2 = 1e-4
-# An absolute difference carried from upstream beyond the embeddings' tolerance, with every layer's own error at
-# round-off, is also "amplified": activations blown up by badly scaled weights (random BatchNorm statistics reach
-# 1e7) make large absolute differences out of float32 round-off.
-AMPLIFIED_MAX_ABS = DEFAULT_ATOL
-TOLERANCES = {"local_rel_l2": LOCAL_REL_L2, "accumulated_rel_l2": ACCUMULATED_REL_L2,
-              "amplified_max_abs": AMPLIFIED_MAX_ABS, "embeds_max_abs": DEFAULT_ATOL}
-# Without a local measurement, a jump of this factor over the previous layer's accumulated error is a fault.
-FAULT_GROWTH = 100.0
+@dataclass(frozen=True)
+class Tolerances:
+    """The thresholds a run judges its layers and outputs by, one named set per precision (`FLOAT32`,
+    `FLOAT64`); a run picks one (`for_run`) and passes it on, nothing patches them at run time.
+
+    local_rel_l2: the error one layer makes on the Keras layer's own input (rel L2, ‖hf − keras‖ / ‖keras‖).
+    accumulated_rel_l2: the error carried from the input through every upstream layer. It grows with depth even
+        when every layer is right, so above this a layer is only "amplified" unless its own local error is also
+        too large.
+    amplified_max_abs: an absolute difference carried from upstream beyond this, with every layer's own error at
+        round-off, is also "amplified" (activations blown up by badly scaled weights make large absolute
+        differences out of round-off).
+    embeds_max_abs: the output tolerance (max|Δ| on the L2-normalised embeddings; `--atol` replaces it).
+    fault_growth: without a local measurement, a jump of this factor over the previous layer's accumulated error
+        is a fault."""
+
+    name: str
+    local_rel_l2: float
+    accumulated_rel_l2: float
+    amplified_max_abs: float
+    embeds_max_abs: float
+    fault_growth: float = 100.0
+
+    def as_dict(self) -> dict:
+        return {"local_rel_l2": self.local_rel_l2, "accumulated_rel_l2": self.accumulated_rel_l2,
+                "amplified_max_abs": self.amplified_max_abs, "embeds_max_abs": self.embeds_max_abs}
+
+    @staticmethod
+    def for_run(float64: bool = False, atol: float | None = None) -> Tolerances:
+        """The set for a run's precision, with the user's `--atol` (when given) as the output tolerance."""
+        base = FLOAT64 if float64 else FLOAT32
+        return base if atol is None else replace(base, embeds_max_abs=float(atol))
+
+
+# Float32 on both sides. Round-off of one op is ~1e-7 relative; reductions over thousands of terms (a 3x3x640
+# conv, a 3072-wide Dense, a softmax over 64 keys) reach ~1e-6. 1e-4 leaves two orders of margin and still
+# catches the real faults we inject (eps, a swapped or transposed weight, padding: all >= 1e-3); a GELU variant
+# on small pre-activations stays under it (diagnose.SUSPECT_LOCAL).
+FLOAT32 = Tolerances("float32", local_rel_l2=1e-4, accumulated_rel_l2=1e-4, amplified_max_abs=DEFAULT_ATOL,
+                     embeds_max_abs=DEFAULT_ATOL)
+# Float64 on both sides (`--float64`): one op's round-off is ~1e-16. Measured on ALIGN-base's reference inputs
+# (905 layers, README "--float64"): the worst local error 2.4e-15, the worst accumulated 1.5e-13 (it grows through
+# the 55 vision blocks). Local 1e-12 is the issue's bar ("agree to float64 round-off"), 400x above the worst
+# measured, and below what a LayerNorm eps of 1e-11 instead of 1e-12 does to a layer of unit variance (~5e-12).
+# Accumulated 1e-10: above it a layer is only "amplified" unless its own error is over too, and deeper models
+# than ALIGN-base carry more; the float32 set's 1e-3 on absolute differences and outputs is ~1e4 times its
+# round-off, 1e-9 is as far above float64's.
+FLOAT64 = Tolerances("float64", local_rel_l2=1e-12, accumulated_rel_l2=1e-10, amplified_max_abs=1e-9,
+                     embeds_max_abs=1e-9)
+# The float32 set's values under their old names (the engine's float32-only helpers read them).
+LOCAL_REL_L2 = FLOAT32.local_rel_l2
+ACCUMULATED_REL_L2 = FLOAT32.accumulated_rel_l2
+AMPLIFIED_MAX_ABS = FLOAT32.amplified_max_abs
+TOLERANCES = FLOAT32.as_dict()
+FAULT_GROWTH = FLOAT32.fault_growth
 
 def _index_at(path: str) -> int | None:
     """Where the first numeric part of a module path is (`encoder.layer.3` -> 2), or None."""
@@ -282,9 +323,11 @@ def module_blocks(pairs) -> Callable:
     return block_of
 
 
-def layer_rows(pairs, entries: list, block_of: Callable | None = None) -> list[dict]:
+def layer_rows(pairs, entries: list, block_of: Callable | None = None,
+               tolerances: Tolerances = FLOAT32) -> list[dict]:
     """One row per paired layer (and per unpaired layer that computes something), in execution order.
-    `block_of(pair)`: the block its row is counted in (an adapter's names; default `module_blocks(pairs)`)."""
+    `block_of(pair)`: the block its row is counted in (an adapter's names; default `module_blocks(pairs)`);
+    `tolerances`: the run's (its precision's) thresholds for each row's status."""
     block_of = block_of or module_blocks(pairs)
     from tracer.engine.pairing import gap_cost
 
@@ -325,18 +368,21 @@ def layer_rows(pairs, entries: list, block_of: Callable | None = None) -> list[d
             before = previous.get(pair.tower)
             metrics["growth"] = acc.rel_l2 / before if before else float("nan")
             previous[pair.tower] = max(acc.rel_l2, 1e-12)
-            status = layer_status(acc.rel_l2, metrics["local_rel_l2"], metrics["growth"], acc.max_abs)
+            status = layer_status(acc.rel_l2, metrics["local_rel_l2"], metrics["growth"], acc.max_abs,
+                                  tolerances)
         row.update(metrics, status=status)
         rows.append(row)
     return rows
 
 
-def layer_status(rel_l2: float, local_rel_l2: float, growth: float, max_abs: float = 0.0) -> str:
+def layer_status(rel_l2: float, local_rel_l2: float, growth: float, max_abs: float = 0.0,
+                 tolerances: Tolerances = FLOAT32) -> str:
+    tol = tolerances
     if rel_l2 != rel_l2 or max_abs != max_abs:  # NaN: one side computed no number where the other did
         return "diverged"
-    if local_rel_l2 == local_rel_l2 and local_rel_l2 > LOCAL_REL_L2:  # measured (not NaN) and over
+    if local_rel_l2 == local_rel_l2 and local_rel_l2 > tol.local_rel_l2:  # measured (not NaN) and over
         return "diverged"
-    if rel_l2 > ACCUMULATED_REL_L2:
-        unexplained = local_rel_l2 != local_rel_l2 and growth == growth and growth > FAULT_GROWTH
+    if rel_l2 > tol.accumulated_rel_l2:
+        unexplained = local_rel_l2 != local_rel_l2 and growth == growth and growth > tol.fault_growth
         return "diverged" if unexplained else "amplified"
-    return "amplified" if max_abs > AMPLIFIED_MAX_ABS else "ok"
+    return "amplified" if max_abs > tol.amplified_max_abs else "ok"

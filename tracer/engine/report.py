@@ -86,8 +86,9 @@ back as a `--mapping_file`.
     towers                   {"vision"|"text": {"layers", "layer_statuses", "first_local_divergence",
                               "first_accumulated_divergence", "final_rel_l2"}}
     diverged_blocks          ["vision/stem", …]: blocks whose status is diverged, in order
-    tolerances               compare.TOLERANCES ({"local_rel_l2", "accumulated_rel_l2", "amplified_max_abs", "embeds_max_abs"}, the
-                             last being the run's atol) plus "fault_growth"
+    tolerances               the run's compare.Tolerances, FLOAT32 or (--float64) FLOAT64 ({"local_rel_l2",
+                             "accumulated_rel_l2", "amplified_max_abs", "embeds_max_abs"}, the last being the run's
+                             atol) plus "fault_growth"
     hints                    run-level hints (tracer/engine/diagnose.py)
     reference_max_abs        HF vs reference outputs given with the inputs ({} when none)
     set_aside                optimizer / metric variables ignored in the checkpoint
@@ -173,11 +174,11 @@ def _towers(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["tower"] for r in rows))
 
 
-def _tolerances(parity=None) -> dict:
-    tol = dict(compare.TOLERANCES)
+def _tolerances(parity=None, tolerances: compare.Tolerances = compare.FLOAT32) -> dict:
+    tol = tolerances.as_dict()
     if parity is not None:
         tol.update(parity.tolerances())
-    tol["fault_growth"] = compare.FAULT_GROWTH
+    tol["fault_growth"] = tolerances.fault_growth
     return tol
 
 
@@ -261,15 +262,15 @@ def mapping_frame(entries) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def _local_fault(row: dict) -> bool:
+def _local_fault(row: dict, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
     local = _float(row.get("local_rel_l2"))
-    if math.isfinite(local) and local > compare.TOLERANCES["local_rel_l2"]:
+    if math.isfinite(local) and local > tolerances.local_rel_l2:
         return True
     return row.get("status") == "diverged"  # also a sub-tolerance activation fault (diagnose.SUSPECT_LOCAL)
 
 
-def _accumulated_fault(row: dict) -> bool:
-    return _float(row.get("rel_l2")) > compare.TOLERANCES["accumulated_rel_l2"]
+def _accumulated_fault(row: dict, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
+    return _float(row.get("rel_l2")) > tolerances.accumulated_rel_l2
 
 
 def _divergence(row: dict | None) -> dict | None:
@@ -280,10 +281,12 @@ def _divergence(row: dict | None) -> dict | None:
     return _jsonable(out)
 
 
-def first_divergences(rows: list[dict]) -> tuple[dict | None, dict | None]:
-    """(first row over the local tolerance, first row over the accumulated tolerance), as rows."""
-    local = next((r for r in rows if _local_fault(r)), None)
-    accumulated = next((r for r in rows if _accumulated_fault(r)), None)
+def first_divergences(rows: list[dict], tolerances: compare.Tolerances = compare.FLOAT32
+                      ) -> tuple[dict | None, dict | None]:
+    """(first row over the local tolerance, first row over the accumulated tolerance), as rows; `tolerances`:
+    the run's set (its precision's)."""
+    local = next((r for r in rows if _local_fault(r, tolerances)), None)
+    accumulated = next((r for r in rows if _accumulated_fault(r, tolerances)), None)
     return local, accumulated
 
 
@@ -307,11 +310,12 @@ def summary(result, checkpoint_path: str) -> dict:
     p, rows = result.parity, result.rows
     entries = result.entries or []
     name, reasons = verdict(rows, p)
-    local, accumulated = first_divergences(rows)
+    tolerances = getattr(result, "tolerances", None) or compare.FLOAT32  # the run's precision's set
+    local, accumulated = first_divergences(rows, tolerances)
     towers = {}
     for tower in _towers(rows):
         members = [r for r in rows if r["tower"] == tower]
-        t_local, t_acc = first_divergences(members)
+        t_local, t_acc = first_divergences(members, tolerances)
         towers[tower] = {
             "layers": len(members), "layer_statuses": _statuses(members),
             "first_local_divergence": _divergence(t_local), "first_accumulated_divergence": _divergence(t_acc),
@@ -334,7 +338,7 @@ def summary(result, checkpoint_path: str) -> dict:
         "first_accumulated_divergence": _divergence(accumulated),
         "towers": towers,
         "diverged_blocks": [f"{b['tower']}/{b['block']}" for b in block_rows(rows) if b["status"] == "diverged"],
-        "tolerances": _tolerances(p),
+        "tolerances": _tolerances(p, tolerances),
         "hints": list(getattr(result, "hints", None) or []),
         "reference_max_abs": dict(getattr(result, "reference_max_abs", None) or {}),
         "set_aside": getattr(result, "set_aside", None),

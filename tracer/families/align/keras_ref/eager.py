@@ -141,8 +141,12 @@ class EagerReference:
     again. Without `values`, variables get Keras' random initial values.
     """
 
-    def __init__(self, spec: AlignSpec, values: ValueSource | None = None, temperature: float = 1.0):
+    def __init__(self, spec: AlignSpec, values: ValueSource | None = None, temperature: float = 1.0,
+                 float64: bool = False):
         self.spec = spec
+        # `float64`: every layer is built and run in float64 (weights cast from the checkpoint's float32), the
+        # reference of a `--float64` trace.
+        self.dtype = tf.float64 if float64 else tf.float32
         self._fetch = values.__getitem__ if isinstance(values, Mapping) else values
         self.consumed: list[str] = []
         self._slot = HookSlot()
@@ -240,10 +244,21 @@ class EagerReference:
     def build(self, tower: str) -> None:
         """Build a tower on a small probe input (1x65x65x3 pixels / one text of `seq_length` tokens)."""
         if check_tower(tower) == "vision":
-            self.image_features(np.zeros((1, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, 3), np.float32))
+            self.image_features(np.zeros((1, PROBE_IMAGE_SIZE, PROBE_IMAGE_SIZE, 3), self.dtype.as_numpy_dtype))
         else:
             ids = np.zeros((1, self.spec.text.seq_length), np.int32)
             self.text_features(ids, np.ones_like(ids), ids)
+
+    @contextmanager
+    def _floatx(self):
+        """Keras' default float type is this reference's while its layers are built and run (layers take their
+        dtype from it when made); the process's own setting is restored afterwards."""
+        before = tf_keras.backend.floatx()
+        tf_keras.backend.set_floatx(self.dtype.name)
+        try:
+            yield
+        finally:
+            tf_keras.backend.set_floatx(before)
 
     @contextmanager
     def _run(self, tower: str, hook: Hook | None):
@@ -264,15 +279,16 @@ class EagerReference:
     # ------------------------------------------------------------------------------------------ towers
 
     def image_features(self, pixels_nhwc, hook: Hook | None = None) -> np.ndarray:
-        """The pooled EfficientNet features of NHWC 0..255 pixels (numpy or tf, any size >= 33), float32 numpy."""
-        x = tf.cast(pixels_nhwc, tf.float32) if tf.is_tensor(pixels_nhwc) else tf.constant(pixels_nhwc, tf.float32)
+        """The pooled EfficientNet features of NHWC 0..255 pixels (numpy or tf, any size >= 33), numpy in the
+        reference's dtype (float32, or float64)."""
+        x = tf.cast(pixels_nhwc, self.dtype) if tf.is_tensor(pixels_nhwc) else tf.constant(pixels_nhwc, self.dtype)
         if x.shape.rank != 4 or x.shape[-1] != 3:
             raise BadInputError(f"pixels must be (batch, height, width, 3) NHWC, got {tuple(x.shape)}")
         if self._vision is None:
             name = model_name(self.spec.vision)
             self._vision = EagerLayers(f"{VISION_PATH}/{name}/", self._slot)
             self._vision_model = Container(name, "Functional", "Functional", [])
-        with self._run("vision", hook):
+        with self._floatx(), self._run("vision", hook):
             out = efficientnet_features(x, self.spec.vision, self._vision)
             if hook is not None:
                 self._vision_model.layers = self._vision.layers
@@ -280,18 +296,24 @@ class EagerReference:
         return out.numpy()
 
     def text_features(self, input_ids, attention_mask, token_type_ids=None, hook: Hook | None = None) -> np.ndarray:
-        """coyo's text tower: TFBertModel, then the Dense on the [CLS] state; float32 numpy (batch, embed_dim)."""
+        """coyo's text tower: TFBertModel, then the Dense on the [CLS] state; numpy (batch, embed_dim) in the
+        reference's dtype."""
         ids, mask = (tf.cast(tf.convert_to_tensor(a), tf.int32) for a in (input_ids, attention_mask))
         types = tf.zeros_like(ids) if token_type_ids is None else tf.cast(tf.convert_to_tensor(token_type_ids),
                                                                           tf.int32)
         if ids.shape.rank != 2 or mask.shape != ids.shape or types.shape != ids.shape:
             raise BadInputError(f"input_ids {tuple(ids.shape)}, attention_mask {tuple(mask.shape)} and token_type_ids "
                                 f"{tuple(types.shape)} must all be (batch, seq)")
+        with self._floatx():
+            return self._text_features(ids, mask, types, hook)
+
+    def _text_features(self, ids, mask, types, hook: Hook | None) -> np.ndarray:
         if self._bert is None:
             self._bert = TFBertModel(self.spec.text)
             intercept(self._bert, f"{TEXT_PATH}/{self._bert.name}", self._slot)
             name = self.spec.projection_name
-            dense = tf_keras.layers.Dense(self.spec.embed_dim, dtype=tf.float32, name=name)
+            # coyo's Dense is float32 (`dtype=tf.float32`): the reference's dtype here, float64 in a float64 run.
+            dense = tf_keras.layers.Dense(self.spec.embed_dim, dtype=self.dtype, name=name)
             self._projection = _Call(dense, f"{TEXT_PATH}/{name}", self._slot)
         with self._run("text", hook):
             out = self._bert({"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, training=False)

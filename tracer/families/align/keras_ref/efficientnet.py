@@ -9,7 +9,7 @@ built with an unknown spatial input size, so the stride-2 zero paddings are the 
 
 from __future__ import annotations
 
-
+import numpy as np
 import tf_keras
 from tf_keras import layers
 
@@ -18,6 +18,10 @@ from tracer.families.align.spec import BASE_STAGES, SE_RATIO, STEM_FILTERS, Visi
 DROP_CONNECT_RATE = 0.2
 ACTIVATION = "swish"
 BN_AXIS = 3
+# coyo's `Rescaling(1.0 / 127.5)` runs in float32: the layer casts its scale to float32. Given as that float32 value,
+# a float64 build (`--float64`) multiplies by the same number the original does, as the HF side then does too
+# (`inputs.RESCALE_FACTOR_FLOAT32`); in float32 nothing changes.
+RESCALE_SCALE = float(np.float32(1.0 / 127.5))
 
 # Keras-applications' initializers, kept so a freshly built model looks like coyo's before training.
 CONV_KERNEL_INITIALIZER = {
@@ -139,7 +143,7 @@ def efficientnet_features(x, vision: VisionSpec, make):
     (`NewLayers` for the functional build, `eager.EagerLayers` for the eager one)."""
     # coyo leaves the Rescaling unnamed (Keras calls the first one `rescaling`, later ones `rescaling_1`, ...);
     # naming it keeps the layer path stable when several models are built in one process. It has no variables.
-    x = make(layers.Rescaling, "rescaling", scale=1.0 / 127.5, offset=-1)(x)
+    x = make(layers.Rescaling, "rescaling", scale=RESCALE_SCALE, offset=-1)(x)
     x = make(layers.ZeroPadding2D, "stem_conv_pad", padding=_pad_for(3))(x)
     x = make(
         layers.Conv2D, "stem_conv", round_filters(STEM_FILTERS, vision.width_coefficient), 3, strides=2,
