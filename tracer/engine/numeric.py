@@ -71,10 +71,10 @@ def enclosing(pairs: list[Pair], group: list[int]) -> Pair | None:
 
 @contextmanager
 def _holding(assignments: list[tuple[object, dict[str, np.ndarray]]]):
-    """Torch modules with the given parameters (own names -> arrays in torch layout) for a moment."""
+    """Torch modules with the given parameters or buffers (own names -> arrays in torch layout) for a moment."""
     import torch
 
-    saved = [(m, {n: p.detach().clone() for n, p in m.named_parameters(recurse=False)}) for m, _ in assignments]
+    saved = [(m, {n: getattr(m, n).detach().clone() for n in values}) for m, values in assignments]
     try:
         with torch.no_grad():
             for module, values in assignments:
@@ -158,3 +158,55 @@ def _apply(members, best, modules, weights, entries_of, error, runner_up, by_ord
             entry.source = "numeric"
             entry.evidence = (f"numbers: rel_l2 {error:.1e} where it is consumed, the runner-up {runner_up:.1e}, "
                               f"the call order's {by_order:.1e}")
+
+
+# ------------------------------------------------------------------------------------------------ conflicts
+def _candidate_values(pair: Pair, by_parameter: dict, read) -> list[tuple[object, dict[str, np.ndarray]]] | None:
+    """What a mapping (`by_parameter`: torch name -> entry) writes into the tensors of the pair's weights module
+    and its submodules, as `_holding` takes it; None where a value does not fit its tensor's shape."""
+    root = pair.torch_weights or pair.torch
+    out = []
+    for sub_path, module in root.module.named_modules():
+        prefix = f"{root.path}.{sub_path}" if sub_path else root.path
+        values = {}
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            entry = by_parameter.get(f"{prefix}.{name}")
+            if entry is None:
+                continue
+            value = get_transform(entry.transform)(read(entry.variable))
+            if tuple(value.shape) != tuple(tensor.shape):
+                return None
+            values[name] = value
+        if values:
+            out.append((module, values))
+    return out
+
+
+def _local_error(pair: Pair, values) -> float | None:
+    if values is None:
+        return float("inf")  # the candidate cannot even be written: it does not fit
+    with _holding(values):
+        out = local_output(pair)
+    return None if out is None else divergence(pair.keras.output, out).rel_l2
+
+
+def settle(pairs: list[Pair], conflicts: list, table_entries: list, tracer_entries: list,
+           read: Callable[[str], np.ndarray]) -> None:
+    """Measure each conflict (`mapping.Conflict`): the paired layer that owns its Keras variable re-run on its
+    recorded input (its record holds one example's arrays) with the weights the table gives its module, then
+    with those the tracer gives it; the candidate whose output agrees (local rel_l2 within `LOCAL_REL_L2`) while
+    the other's does not is the winner. The torch model is left as it was."""
+    owner = {v: p for p in pairs if p.paired for v in p.keras.variables}
+    table = {e.parameter: e for e in table_entries}
+    tracer = {e.parameter: e for e in tracer_entries}
+    for c in conflicts:
+        pair = owner.get(c.variable)
+        if pair is None or pair.keras.output is None:
+            continue
+        c.table_error = _local_error(pair, _candidate_values(pair, table, read))
+        c.tracer_error = _local_error(pair, _candidate_values(pair, tracer, read))
+        if c.table_error is None or c.tracer_error is None:
+            continue
+        fits = {side: err <= LOCAL_REL_L2 for side, err in (("table", c.table_error), ("tracer", c.tracer_error))}
+        if fits["table"] != fits["tracer"]:
+            c.winner = "table" if fits["table"] else "tracer"
