@@ -70,7 +70,8 @@ def check_table_mode(report: Path, variables: list[str], layer: str, hint: str) 
         assert row["status"] == "conflict" and row["winner"] == "tracer", row.to_dict()
         assert row["table_local_rel_l2"] > 100 * LOCAL_REL_L2 and row["tracer_local_rel_l2"] <= LOCAL_REL_L2
         assert row["parameter"] == row["table_candidate"].split(" ")[0]  # the table, as given
-    assert "in conflict" in (report / "report.html").read_text()
+    page = (report / "report.html").read_text()
+    assert "table candidate" in page and "tracer local rel l2" in page
     assert json.loads((report / "summary.json").read_text())["verdict"] != "match"
     return mapping
 
@@ -138,3 +139,38 @@ def test_the_message_names_the_entries_and_the_fix(bert, tmp_path, caplog):
                "--report_dir", tmp_path / "r") == 3
     message = caplog.text
     assert q in message and k in message and "--mapping auto" in message and str(bad) in message, message
+
+
+# ------------------------------------------------------------------------------------------------ ALIGN
+
+
+@pytest.fixture(scope="module")
+def align(tmp_path_factory):
+    """A tiny ALIGN whose image tower's fourth stage has three blocks (4b and 4c of one shape)."""
+    import numpy as np
+
+    from tracer.families.align.demo import demo_inputs, demo_spec, write_demo_checkpoint
+    from tracer.families.align.spec import AlignSpec, VisionSpec
+
+    root = tmp_path_factory.mktemp("bad_tables_align")
+    tiny = demo_spec("tiny")
+    vision = VisionSpec(width_coefficient=tiny.vision.width_coefficient, depth_coefficient=0.7)
+    spec = AlignSpec(vision=vision, text=tiny.text, embed_dim=vision.hidden_dim)
+    prefix = write_demo_checkpoint(root / "model-weights", spec)
+    np.savez(root / "inputs.npz", **demo_inputs(spec, n=1))
+    good = root / "good.csv"
+    common = ["--checkpoint_path", prefix, "--inputs", root / "inputs.npz", "--trace"]
+    assert run(*common, "--report_dir", root / "good", "--mapping_out", good) == 0
+    return common, good
+
+
+def test_align_depthwise_kernels_swapped_between_two_blocks_of_one_stage(align, tmp_path):
+    common, good = align
+    a, b = "block4b_dwconv/depthwise_kernel", "block4c_dwconv/depthwise_kernel"
+    bad = edit(good, tmp_path / "bad.csv", lambda rows: swap(rows, a, b))
+    assert run(*common, "--mapping", "table", "--mapping_file", bad, "--report_dir", tmp_path / "table") == 3
+    check_table_mode(tmp_path / "table", [a, b], "block4b_dwconv", "mapping")
+    assert run(*common, "--mapping", "auto", "--mapping_file", bad, "--report_dir", tmp_path / "auto",
+               "--save_model", "--pytorch_dump_folder_path", tmp_path / "hf") == 0
+    check_auto_mode(tmp_path / "auto", good, [a, b])
+    assert (tmp_path / "hf" / "config.json").is_file()

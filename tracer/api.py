@@ -237,8 +237,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
 
     from tracer.engine.diagnose import diagnose as run_diagnosis
     from tracer.engine.record.keras import check_tf_keras
-    from tracer.engine.state import StateWriter, hf_shapes
-    from tracer.engine.transfer import transfer
+    from tracer.engine.state import hf_shapes
 
     check_tf_keras(keras_model)
     if not isinstance(torch_model, torch.nn.Module):
@@ -337,7 +336,7 @@ def _copy_by_numbers(keras_model, torch_model, keras_example, torch_example, pai
     Returns the weight map and its conflicts (all of them measured)."""
     from tracer.engine.infer import reconcile, take_winners
     from tracer.engine.lockstep import drop_arrays
-    from tracer.engine.numeric import ambiguous_groups, decide, enclosing, settle
+    from tracer.engine.numeric import by_numbers, rest_to_copy
     from tracer.engine.state import StateWriter
     from tracer.engine.transfer import tensor_checksum, transfer
 
@@ -349,52 +348,29 @@ def _copy_by_numbers(keras_model, torch_model, keras_example, torch_example, pai
     kept = {n: t.detach().clone() for n, t in torch_model.state_dict().items()
             if mode == "table" and n in {e.parameter for e in inference.entries} - in_use}
     transfer(read, [], WeightMap(inference.entries), writer, allow_nonfinite=True, target=target)
-    groups = ambiguous_groups(pairs)
-    owners = {v: p for p in pairs if p.paired for v in p.keras.variables}
-    members = [pairs[i] for group in groups for i in group]
-    containers = [c for group in groups if (c := enclosing(pairs, group)) is not None]
-    probes = list({id(p.keras): p.keras for p in [*members, *containers,
-                                                  *(owners[c.variable] for c in conflicts if c.variable in owners)]
-                   }.values())
-    if probes:
-        wanted = {r.order for r in probes}
-        records, keras_out = _run_keras(keras_model, keras_example, True,
-                                        sink=lambda r: None if r.order in wanted else drop_arrays(r))
-        for probe in probes:  # the probe's records get this example's arrays
-            run = records[probe.order]
-            probe.output, probe.input, probe.inputs, probe.input_kwargs = (run.output, run.input, run.inputs,
-                                                                           run.input_kwargs)
 
-        def judge_whole() -> float:
-            _, torch_out = _run_torch(torch_model, torch_example, False)
-            compared = compare_outputs(keras_out, torch_out)
-            return max((p.rel_l2 for p in compared.pairs), default=float("inf"))
+    def run_keras(orders: set[int]) -> dict:
+        records, keras_out[:] = _run_keras(keras_model, keras_example, True,
+                                           sink=lambda r: None if r.order in orders else drop_arrays(r))
+        return {r.order: r for r in records}
 
-        try:
-            decisions = decide(pairs, groups, inference.entries, read, judge_whole)
-            weight_map, conflicts = reconcile(table, inference, mode)  # the tracer's side, as numbers left it
-            settle(pairs, conflicts, table.entries if table else [], inference.entries, read)
-        finally:
-            for probe in probes:
-                drop_arrays(probe)
-        if decisions:
-            state = torch_model.state_dict()
-            for e in inference.entries:
-                if e.source == "numeric":
-                    e.hf_checksum = tensor_checksum(state[e.parameter].detach().numpy())
-        for d in decisions:
-            logger.info("numbers re-paired %s: %s -> %s (rel_l2 %.1e where consumed; by call order %.1e)", d.keras,
-                        d.torch_by_order, d.torch_by_numbers, d.error, d.by_order)
+    def judge_whole() -> float:
+        _, torch_out = _run_torch(torch_model, torch_example, False)
+        compared = compare_outputs(keras_out, torch_out)
+        return max((p.rel_l2 for p in compared.pairs), default=float("inf"))
+
+    keras_out: list = []
+    weight_map, conflicts, decisions = by_numbers(pairs, inference, table, mode, read, run_keras, judge_whole)
+    if decisions:
+        state = torch_model.state_dict()
+        for e in inference.entries:
+            if e.source == "numeric":
+                e.hf_checksum = tensor_checksum(state[e.parameter].detach().numpy())
+    for d in decisions:
+        logger.info("numbers re-paired %s: %s -> %s (rel_l2 %.1e where consumed; by call order %.1e)", d.keras,
+                    d.torch_by_order, d.torch_by_numbers, d.error, d.by_order)
     take_winners(weight_map, inference, mode)
-    copied = {(e.variable, e.parameter, e.transform): e for e in inference.entries}
-    rest = []
-    for e in weight_map.entries:  # a table entry the tracer's copy already wrote takes its checksums
-        twin = copied.get((e.variable, e.parameter, e.transform))
-        if twin is None:
-            rest.append(e)
-        elif twin is not e:
-            e.hf_shape, e.keras_checksum, e.hf_checksum = twin.hf_shape, twin.keras_checksum, twin.hf_checksum
-    transfer(read, [], WeightMap(rest), writer, allow_nonfinite=True, target=target)
+    transfer(read, [], WeightMap(rest_to_copy(weight_map, inference)), writer, allow_nonfinite=True, target=target)
     if kept:
         writer.write({n: t for n, t in kept.items()})
     return weight_map, conflicts
