@@ -96,12 +96,18 @@ def test_a_wrong_table_entry_is_a_conflict_naming_the_layer(table_run, tiny_bund
     q.parameter, k.parameter = k.parameter, q.parameter
     wrong = write_mapping(entries, tmp_path / "wrong.csv")
     out = tmp_path / "used.csv"
+    # As given (`--mapping table`): traced and reported, then refused, naming the entries.
     with pytest.raises(ConversionError, match=r"conflict.*layer_\._1/attention/self/(query|key)/kernel"):
-        _convert(tiny_bundle, tmp_path, mapping_file=str(wrong), mapping_out=str(out))
-    # The mapping file records the conflict where it happened.
+        _convert(tiny_bundle, tmp_path, mapping="table", mapping_file=str(wrong), mapping_out=str(out))
+    assert (tmp_path / "report" / "layers.csv").is_file()
+    # The mapping file records the conflict where it happened, with both candidates' local errors.
     with open(out) as f:
         text = f.read()
-    assert "conflict" in text and text.count("conflict") == 2
+    assert text.count(",conflict,") == 2 and text.count(",tracer\n") == 2, text
+    # `auto`: the numbers pick the tracer's candidates.
+    result = _convert(tiny_bundle, tmp_path, mapping="auto", mapping_file=str(wrong), overwrite=True)
+    used = {e.variable: e for e in result.entries}
+    assert used[q.variable].parameter.endswith("query.weight") and used[q.variable].source == "numeric"
 
 
 def test_mapping_file_round_trips(table_run, tiny_bundle, tmp_path):

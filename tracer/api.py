@@ -249,8 +249,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
     from tracer.engine.diagnose import diagnose as run_diagnosis
     from tracer.engine.diagnose import suspect
     from tracer.engine.record.keras import check_tf_keras
-    from tracer.engine.state import StateWriter, hf_shapes
-    from tracer.engine.transfer import transfer
+    from tracer.engine.state import hf_shapes
 
     check_tf_keras(keras_model)
     if not isinstance(torch_model, torch.nn.Module):
@@ -294,6 +293,11 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         table = _table(mapping, shapes, torch_shapes)
         mode = "infer" if table is None else "auto" if fill_gaps else "table"
         weight_map, conflicts = reconcile(table, inference, mode)
+        if copy_weights:
+            read = {n: (lambda v=v: np.asarray(v.numpy())) for n, v in variables.items()}
+            weight_map, conflicts = _copy_by_numbers(
+                keras_model, torch_model, _select(keras_in, slice(0, 1)), _select(torch_in, slice(0, 1)), pairs,
+                inference, table, mode, lambda name: read[name]())
         for e in weight_map.entries:
             e.part = "model"
         mapped = {e.variable for e in weight_map.entries}
@@ -302,15 +306,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         unmapped = [n for n in shapes if n not in mapped and n not in preprocessing]
         targets = {e.parameter for e in weight_map.entries}
         unwritten = [n for n in torch_shapes if n not in targets]
-        if copy_weights:
-            writer = StateWriter(torch_model)
-            read = {n: (lambda v=v: np.asarray(v.numpy())) for n, v in variables.items()}
-            transfer(lambda name: read[name](), sorted(mapped), WeightMap(weight_map.entries), writer,
-                     allow_nonfinite=True, target=type(torch_model).__name__)
-            if mode != "table":  # a table is applied as given; inference's ties are broken by numbers
-                _decide_by_numbers(keras_model, torch_model, _select(keras_in, slice(0, 1)),
-                                   _select(torch_in, slice(0, 1)), pairs, weight_map.entries, variables)
-        else:
+        if not copy_weights:
             _value_matches(weight_map.entries, variables, torch_model)
         timings["mapping and copy"] = time.perf_counter() - started - sum(timings.values())
 
@@ -355,46 +351,54 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
                tolerances=tol)
 
 
-def _decide_by_numbers(keras_model, torch_model, keras_example, torch_example, pairs: list[Pair],
-                       entries: list[Entry], variables: dict) -> None:
-    """Sibling layers that order alone pairs (`numeric.ambiguous_groups`): one more Keras run on one example keeps
-    what the groups and their containers received and gave, and the consumers' outputs under each assignment
-    decide (`numeric.decide`). Re-assigned entries get their new checksums."""
+def _copy_by_numbers(keras_model, torch_model, keras_example, torch_example, pairs: list[Pair], inference,
+                     table, mode: str, read: Callable[[str], np.ndarray]):
+    """Copy the weights, numbers deciding where the mapping is in doubt. The tracer's own mapping is copied first;
+    sibling groups order alone paired are decided by their consumers' outputs (`numeric.decide`); then each
+    conflict with the table is measured on its layer's recorded input (`numeric.settle`), and the mapping in use
+    (the table as given in `table` mode; the winners in `auto`) is copied over. One more Keras run on one example
+    keeps what the groups, their containers and the conflicting layers received and gave.
+    Returns the weight map and its conflicts (all of them measured)."""
+    from tracer.engine.infer import reconcile, take_winners
     from tracer.engine.lockstep import drop_arrays
-    from tracer.engine.numeric import ambiguous_groups, decide, enclosing
-    from tracer.engine.transfer import tensor_checksum
+    from tracer.engine.numeric import by_numbers, rest_to_copy
+    from tracer.engine.state import StateWriter
+    from tracer.engine.transfer import tensor_checksum, transfer
 
-    groups = ambiguous_groups(pairs)
-    if not groups:
-        return
-    members = [i for group in groups for i in group]
-    containers = [c for group in groups if (c := enclosing(pairs, group)) is not None]
-    wanted = {pairs[i].keras.order for i in members} | {c.keras.order for c in containers}
-    records, keras_out = _run_keras(keras_model, keras_example, True,
-                                    sink=lambda r: None if r.order in wanted else drop_arrays(r))
-    probes = [pairs[i].keras for i in members] + [c.keras for c in containers]
-    for probe in probes:  # the probe's records get this example's arrays
-        run = records[probe.order]
-        probe.output, probe.input, probe.inputs, probe.input_kwargs = run.output, run.input, run.inputs, run.input_kwargs
+    writer = StateWriter(torch_model)
+    target = type(torch_model).__name__
+    weight_map, conflicts = reconcile(table, inference, mode)
+    in_use = {e.parameter for e in weight_map.entries}
+    # In `table` mode a tensor the table leaves out keeps the torch model's own value: the tracer's copy is undone.
+    kept = {n: t.detach().clone() for n, t in torch_model.state_dict().items()
+            if mode == "table" and n in {e.parameter for e in inference.entries} - in_use}
+    transfer(read, [], WeightMap(inference.entries), writer, allow_nonfinite=True, target=target)
+
+    def run_keras(orders: set[int]) -> dict:
+        records, keras_out[:] = _run_keras(keras_model, keras_example, True,
+                                           sink=lambda r: None if r.order in orders else drop_arrays(r))
+        return {r.order: r for r in records}
 
     def judge_whole() -> float:
         _, torch_out = _run_torch(torch_model, torch_example, False)
         compared = compare_outputs(keras_out, torch_out)
         return max((p.rel_l2 for p in compared.pairs), default=float("inf"))
 
-    try:
-        decisions = decide(pairs, groups, entries, lambda name: np.asarray(variables[name].numpy()), judge_whole)
-    finally:
-        for probe in probes:
-            drop_arrays(probe)
+    keras_out: list = []
+    weight_map, conflicts, decisions = by_numbers(pairs, inference, table, mode, read, run_keras, judge_whole)
     if decisions:
         state = torch_model.state_dict()
-        for e in entries:
+        for e in inference.entries:
             if e.source == "numeric":
                 e.hf_checksum = tensor_checksum(state[e.parameter].detach().numpy())
     for d in decisions:
         logger.info("numbers re-paired %s: %s -> %s (rel_l2 %.1e where consumed; by call order %.1e)", d.keras,
                     d.torch_by_order, d.torch_by_numbers, d.error, d.by_order)
+    take_winners(weight_map, inference, mode)
+    transfer(read, [], WeightMap(rest_to_copy(weight_map, inference)), writer, allow_nonfinite=True, target=target)
+    if kept:
+        writer.write({n: t for n, t in kept.items()})
+    return weight_map, conflicts
 
 
 def _concat(chunks: list[list[tuple[str, np.ndarray]]]) -> list[tuple[str, np.ndarray]]:

@@ -136,8 +136,10 @@ def convert_family(options, family: Family) -> FamilyResult:
 
             where = options.report_dir or Path("reports") / default_run_name(options.checkpoint_path)
             run.save(where)
-        if run.conflicts or run.unmapped_keras or run.unwritten_torch:
-            raise ConversionError(f"the mapping is incomplete or in conflict ({'; '.join(run.gaps)}); the report in "
+        if run.unresolved:
+            raise ConversionError(conflict_message(run.unresolved, run.report, options.mapping_file))
+        if run.unmapped_keras or run.unwritten_torch:
+            raise ConversionError(f"the mapping is incomplete ({'; '.join(run.gaps)}); the report in "
                                   f"{run.report} shows both sides; fix the table (--mapping_file) or use "
                                   "--mapping infer")
         coverage = run.coverage
@@ -191,6 +193,15 @@ def convert_family(options, family: Family) -> FamilyResult:
         with stage("push to hub", timings):
             result.pushed_to = push(result.saved_to, options)
     return result
+
+
+def conflict_message(conflicts: list, report, mapping_file) -> str:
+    """Why a run with conflicts the table kept fails: the entries, both candidates' local errors, the fix."""
+    table = f"the rows of {mapping_file}" if mapping_file else "the rename rules"
+    return (f"{len(conflicts)} mapping conflict(s) between the table and the tracer, applied as the table gives "
+            f"them: {'; '.join(map(str, conflicts[:10]))}. The report in {report} shows both candidates' local "
+            f"errors (mapping.csv) and where the layers diverge; use --mapping auto to let the numbers decide, or "
+            f"fix {table} for these variables")
 
 
 def model_card(options, family_name_or_family, spec, result) -> str:

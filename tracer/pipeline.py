@@ -239,13 +239,6 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
         against = "keras"
         if options.mapping_out:
             write_mapping_file(weight_map.entries, options.mapping_out)
-        if traced.conflicts:
-            where = f"written to {options.mapping_out}" if options.mapping_out else "write it with --mapping_out"
-            raise ConversionError(
-                f"{len(traced.conflicts)} mapping conflict(s) between the table and the tracer: "
-                + "; ".join(traced.conflicts[:10])
-                + f". Fix or drop those entries of the table (--mapping_file), or let the tracer decide with "
-                  f"--mapping infer; the mapping ({where}) shows both sides")
         if coverage is None:
             raise ConversionError(
                 f"{len(traced.unmapped)} checkpoint weight(s) have no place in AlignModel: {traced.unmapped[:20]}; "
@@ -286,6 +279,11 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
 
             where = options.report_dir or Path("reports") / default_run_name(options.checkpoint_path)
             result.report = write_report(result, where, options.checkpoint_path)
+        unresolved = [c for c in traced.conflicts if not c.resolved]
+        if unresolved:  # the table as given, now that the report shows what it does
+            from tracer.family_pipeline import conflict_message
+
+            raise ConversionError(conflict_message(unresolved, result.report, options.mapping_file))
     nothing = " Nothing was saved." if save else ""
     if not parity.ok:  # NaN metrics fail too: every comparison with NaN is False
         look = (f"the per-layer report in {result.report} shows where it diverges" if result.report

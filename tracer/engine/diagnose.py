@@ -48,6 +48,7 @@ CLASSES = {
     "preprocessing": "the preprocessing scale or offset",
     "temperature": "the temperature not carried over",
     "bias": "a bias dropped (bias=False, or left at zero) where Keras has one",
+    "mapping": "a weight the table sends where the tracer's measured candidate fits and the table's does not",
 }
 _HINT_CLASS = re.compile(r"\[([a-z_]+)\]")
 
@@ -854,6 +855,22 @@ def check_bias(pair, row, ctx: Context) -> str | None:
     held = "no bias (bias=False)" if bias is None else "an all-zero bias"
     return (f"HF `{rec.path}` has {held} where Keras `{name}` {_describe_values(value)}: re-running with the Keras "
             f"bias added back fits (local rel_l2 {_fmt(err)}, as converted {_as_of(row)})")
+
+
+@row_checker("mapping")
+def check_mapping(pair, row, ctx: Context) -> str | None:
+    """A weight of this layer in use as the table gives it, where the tracer's candidate was measured to fit
+    (`numeric.settle`): the table is wrong there."""
+    lines = []
+    for variable in pair.keras.variables if pair.keras is not None else ():
+        entry = ctx.entry_of_variable.get(variable)
+        c = getattr(entry, "conflict", None)
+        if c is None or c.resolved or c.winner != "tracer":
+            continue
+        lines.append(f"`{variable}` is written as the table gives it, to `{c.table_parameter}` ({c.table_transform}, "
+                     f"local rel_l2 {_fmt(c.table_error)}), where the tracer's `{c.tracer_parameter}` "
+                     f"({c.tracer_transform}) fits (local rel_l2 {_fmt(c.tracer_error)})")
+    return "; ".join(lines) or None
 
 
 # ---------------------------------------------------------------------------------------------------- driver

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tracer.engine.mapping import Entry, WeightMap
+from tracer.engine.mapping import Conflict, Entry, WeightMap
 from tracer.engine.pairing import KERNEL_TRANSFORMS, Pair, torch_layout
 
 logger = logging.getLogger(__name__)
@@ -78,12 +78,12 @@ def infer_mapping(pairs: list[Pair], checkpoint_shapes: dict[str, tuple], hf_sha
     return Inference(entries, unresolved, ambiguous)
 
 
-def reconcile(table: WeightMap | None, inferred: Inference, mode: str) -> tuple[WeightMap, list[str]]:
+def reconcile(table: WeightMap | None, inferred: Inference, mode: str) -> tuple[WeightMap, list[Conflict]]:
     """Give every entry a status and choose what to use.
 
     `table`: the rules (or the mapping file) alone. `infer`: the tracer alone. `auto`: the table where it has
-    an entry, inference for every gap. Returns the map and the conflicts (one line each, naming the variable);
-    the caller reports them and fails the run in every mode that uses the tracer.
+    an entry, inference for every gap. Where both have an entry and disagree, the entry in use carries a
+    `Conflict` (also returned): the numbers settle it (`numeric.settle`), then `take_winners` applies them.
     """
     by_table = table.by_variable() if table else {}
     by_infer = {e.variable: e for e in inferred.entries}
@@ -92,12 +92,18 @@ def reconcile(table: WeightMap | None, inferred: Inference, mode: str) -> tuple[
     chosen, conflicts = [], []
     for name in names:
         t, i = by_table.get(name), by_infer.get(name)
+        if t:
+            t.conflict = None
+        if i:
+            i.conflict = None
         if t and i:
             same = (t.parameter, t.transform) == (i.parameter, i.transform)
             status = "confirmed" if same else "conflict"
-            if not same:
-                conflicts.append(f"{name}: table -> {t.parameter} ({t.transform}), tracer -> {i.parameter} ({i.transform})")
             entry = t if mode != "infer" else i
+            if not same and mode != "infer":
+                conflict = Conflict(name, t.parameter, t.transform, i.parameter, i.transform)
+                conflicts.append(conflict)
+                t.conflict = i.conflict = conflict
         elif t:
             status, entry = "table-only", t
         else:
@@ -109,3 +115,26 @@ def reconcile(table: WeightMap | None, inferred: Inference, mode: str) -> tuple[
     used = {e.variable for e in chosen}
     pending = inferred.unresolved if mode != "table" else (table.unmatched if table else [])
     return WeightMap(chosen, [n for n in pending if n not in used]), conflicts
+
+
+def take_winners(weight_map: WeightMap, inferred: Inference, mode: str) -> list[Conflict]:
+    """After the numbers (`numeric.settle`): in `auto`, each conflict they decide is resolved by its winner, the
+    entry marked `numeric` with both errors as evidence; in `table` the table stays as given. Returns the
+    conflicts left unresolved (the run fails on them once the report is written)."""
+    by_infer = {e.variable: e for e in inferred.entries}
+    left = []
+    for k, entry in enumerate(weight_map.entries):
+        c = entry.conflict
+        if c is None:
+            continue
+        if mode != "auto" or not c.winner:
+            left.append(c)
+            continue
+        chosen = by_infer[c.variable] if c.winner == "tracer" else entry
+        chosen.status, chosen.source, chosen.conflict, c.resolved = "conflict", "numeric", c, True
+        loser = "table" if c.winner == "tracer" else "tracer"
+        chosen.evidence = (f"numbers: the {c.winner}'s candidate fits (local rel_l2 "
+                           f"{c.table_error if c.winner == 'table' else c.tracer_error:.1e}), the {loser}'s "
+                           f"{c.tracer_error if c.winner == 'table' else c.table_error:.1e}")
+        weight_map.entries[k] = chosen
+    return left

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -42,6 +42,32 @@ class Rule:
 
 
 @dataclass
+class Conflict:
+    """The table and the tracer map one Keras variable differently. `*_error`: the paired layer's local rel L2
+    with that candidate's weights on its recorded input (None: not measured); `winner`: "table", "tracer", or ""
+    (the numbers cannot tell: both fit, neither does, or the layer cannot be re-run); `resolved`: the run uses the
+    winner (`--mapping auto`), rather than the table as given."""
+
+    variable: str
+    table_parameter: str
+    table_transform: str
+    tracer_parameter: str
+    tracer_transform: str
+    table_error: float | None = None
+    tracer_error: float | None = None
+    winner: str = ""
+    resolved: bool = False
+
+    def __str__(self) -> str:
+        def err(e):
+            return "" if e is None else f", local rel_l2 {e:.1e}"
+
+        won = f"; the numbers pick the {self.winner}" if self.winner else ""
+        return (f"{self.variable}: table -> {self.table_parameter} ({self.table_transform}{err(self.table_error)}), "
+                f"tracer -> {self.tracer_parameter} ({self.tracer_transform}{err(self.tracer_error)}){won}")
+
+
+@dataclass
 class Entry:
     variable: str
     parameter: str
@@ -57,12 +83,28 @@ class Entry:
     # parameter equals under a layout transform (`name (transform)`; several joined by `; `), or "none".
     equals: str = ""
     evidence: str = ""  # why the entry is what it is, where numbers decided it (`numeric`)
+    conflict: Conflict | None = None  # where the table and the tracer disagree on it: both candidates, measured
 
     def row(self) -> dict:
-        row = asdict(self)
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conflict"}
         row["keras_shape"] = "x".join(map(str, self.keras_shape))
         row["hf_shape"] = "x".join(map(str, self.hf_shape))
+        row.update(conflict_columns(self.conflict))
         return row
+
+
+CONFLICT_COLUMNS = ("table_candidate", "table_local_rel_l2", "tracer_candidate", "tracer_local_rel_l2", "winner")
+
+
+def conflict_columns(c: Conflict | None) -> dict:
+    """A conflict as mapping.csv's columns (empty where the entry has none)."""
+    if c is None:
+        return dict.fromkeys(CONFLICT_COLUMNS, "")
+    return {"table_candidate": f"{c.table_parameter} ({c.table_transform})",
+            "table_local_rel_l2": "" if c.table_error is None else c.table_error,
+            "tracer_candidate": f"{c.tracer_parameter} ({c.tracer_transform})",
+            "tracer_local_rel_l2": "" if c.tracer_error is None else c.tracer_error,
+            "winner": c.winner}
 
 
 @dataclass
@@ -98,7 +140,7 @@ def map_by_rules(
     return WeightMap(entries, unmatched)
 
 
-_COLUMNS = [f.name for f in fields(Entry)]
+_COLUMNS = [f.name for f in fields(Entry) if f.name != "conflict"] + list(CONFLICT_COLUMNS)
 
 
 def write_mapping(entries: Sequence[Entry], path: str | Path) -> Path:

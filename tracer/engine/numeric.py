@@ -71,10 +71,10 @@ def enclosing(pairs: list[Pair], group: list[int]) -> Pair | None:
 
 @contextmanager
 def _holding(assignments: list[tuple[object, dict[str, np.ndarray]]]):
-    """Torch modules with the given parameters (own names -> arrays in torch layout) for a moment."""
+    """Torch modules with the given parameters or buffers (own names -> arrays in torch layout) for a moment."""
     import torch
 
-    saved = [(m, {n: p.detach().clone() for n, p in m.named_parameters(recurse=False)}) for m, _ in assignments]
+    saved = [(m, {n: getattr(m, n).detach().clone() for n in values}) for m, values in assignments]
     try:
         with torch.no_grad():
             for module, values in assignments:
@@ -158,3 +158,136 @@ def _apply(members, best, modules, weights, entries_of, error, runner_up, by_ord
             entry.source = "numeric"
             entry.evidence = (f"numbers: rel_l2 {error:.1e} where it is consumed, the runner-up {runner_up:.1e}, "
                               f"the call order's {by_order:.1e}")
+
+
+# ------------------------------------------------------------------------------------------------ conflicts
+def _candidate_values(pair: Pair, by_parameter: dict, read) -> list[tuple[object, dict[str, np.ndarray]]] | None:
+    """What a mapping (`by_parameter`: torch name -> entry) writes into the tensors of the pair's weights module
+    and its submodules, as `_holding` takes it; None where a value does not fit its tensor's shape."""
+    root = pair.torch_weights or pair.torch
+    out = []
+    for sub_path, module in root.module.named_modules():
+        prefix = f"{root.path}.{sub_path}" if sub_path else root.path
+        values = {}
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            entry = by_parameter.get(f"{prefix}.{name}")
+            if entry is None:
+                continue
+            value = get_transform(entry.transform)(read(entry.variable))
+            if tuple(value.shape) != tuple(tensor.shape):
+                return None
+            values[name] = value
+        if values:
+            out.append((module, values))
+    return out
+
+
+def _local_error(pair: Pair, values) -> float | None:
+    if values is None:
+        return float("inf")  # the candidate cannot even be written: it does not fit
+    with _holding(values):
+        out = local_output(pair)
+    return None if out is None else divergence(pair.keras.output, out).rel_l2
+
+
+def settle(pairs: list[Pair], conflicts: list, table_entries: list, tracer_entries: list,
+           read: Callable[[str], np.ndarray]) -> None:
+    """Measure each conflict (`mapping.Conflict`): the paired layer that owns its Keras variable re-run on its
+    recorded input (its record holds one example's arrays) with the weights the table gives its module, then
+    with those the tracer gives it; the candidate whose output agrees (local rel_l2 within `LOCAL_REL_L2`) while
+    the other's does not is the winner. The torch model is left as it was."""
+    owner = {v: p for p in pairs if p.paired for v in p.keras.variables}
+    table = {e.parameter: e for e in table_entries}
+    tracer = {e.parameter: e for e in tracer_entries}
+    for c in conflicts:
+        pair = owner.get(c.variable)
+        if pair is None or pair.keras.output is None:
+            continue
+        c.table_error = _local_error(pair, _candidate_values(pair, table, read))
+        c.tracer_error = _local_error(pair, _candidate_values(pair, tracer, read))
+        if c.table_error is None or c.tracer_error is None:
+            continue
+        fits = {side: err <= LOCAL_REL_L2 for side, err in (("table", c.table_error), ("tracer", c.tracer_error))}
+        if fits["table"] != fits["tracer"]:
+            c.winner = "table" if fits["table"] else "tracer"
+
+
+def by_numbers(pairs: list[Pair], inference, table, mode: str, read: Callable[[str], np.ndarray],
+               run_keras: Callable[[set[int]], dict], judge_whole: Callable[[], float]):
+    """Where the mapping is in doubt, numbers decide; the torch model holds the tracer's mapping (`inference`)
+    already. Sibling groups order alone paired are decided by their consumers (`decide`); then each conflict with
+    the table is measured (`settle`). `run_keras(orders)`: one Keras run on one example, returning the records
+    of those orders with their arrays. Returns (weight map, conflicts, decisions), as `infer.reconcile` gives the
+    first two once the numbers are in (`infer.take_winners` then applies them)."""
+    from tracer.engine.infer import reconcile
+    from tracer.engine.lockstep import drop_arrays
+
+    weight_map, conflicts = reconcile(table, inference, mode)
+    groups = ambiguous_groups(pairs)
+    owners = {v: p for p in pairs if p.paired for v in p.keras.variables}
+    wanted = [pairs[i] for group in groups for i in group]
+    wanted += [c for group in groups if (c := enclosing(pairs, group)) is not None]
+    wanted += [owners[c.variable] for c in conflicts if c.variable in owners]
+    probes = list({id(p.keras): p.keras for p in wanted}.values())
+    if not probes:
+        return weight_map, conflicts, []
+    records = run_keras({r.order for r in probes})
+    shapes = _run_shapes(list({id(p): p for p in wanted}.values()), records)
+    for probe in probes:  # the probe's records get this example's arrays
+        run = records[probe.order]
+        probe.output, probe.input, probe.inputs, probe.input_kwargs = run.output, run.input, run.inputs, run.input_kwargs
+    try:
+        decisions = decide(pairs, groups, inference.entries, read, judge_whole)
+        weight_map, conflicts = reconcile(table, inference, mode)  # the tracer's side as the numbers left it
+        settle(pairs, conflicts, table.entries if table else [], inference.entries, read)
+    finally:
+        for probe in probes:
+            drop_arrays(probe)
+        for record, shape, input_shape in shapes:
+            record.shape, record.input_shape = shape, input_shape
+    return weight_map, conflicts, decisions
+
+
+def _torch_shape(keras_shape: tuple, probe_torch: tuple, probe_keras: tuple, layout: str) -> tuple:
+    """A torch record's shape on the example, from the Keras one there and how the two related on the probe."""
+    if not keras_shape or not probe_torch:
+        return probe_torch
+    if layout == "nchw" and len(keras_shape) == 4 == len(probe_torch):
+        return (keras_shape[0], keras_shape[3], keras_shape[1], keras_shape[2])
+    return tuple(keras_shape) if tuple(probe_torch) == tuple(probe_keras) else probe_torch
+
+
+def _run_shapes(pairs: list[Pair], records: dict) -> list[tuple]:
+    """The pairs' records take the shapes of the example's run (the probe may have run on a smaller input, as
+    ALIGN's does); returns what to restore: (record, shape, input_shape)."""
+    saved, seen = [], set()
+    for p in pairs:
+        run = records[p.keras.order]
+        layout, input_layout = p.layout, p.input_layout  # as the probe's shapes tell them
+        weights = p.torch_weights or p.torch
+        new = {id(p.keras): (p.keras, tuple(run.shape), tuple(run.input_shape))}
+        for record in {id(p.torch): p.torch, id(weights): weights}.values():
+            shape = _torch_shape(tuple(run.shape), record.shape, p.keras.shape, layout) if record is p.torch \
+                else record.shape
+            input_shape = _torch_shape(tuple(run.input_shape), record.input_shape, p.keras.input_shape, input_layout)
+            new.setdefault(id(record), (record, shape, input_shape))
+        for key, (record, shape, input_shape) in new.items():
+            if key not in seen:
+                seen.add(key)
+                saved.append((record, record.shape, record.input_shape))
+        for record, shape, input_shape in new.values():
+            record.shape, record.input_shape = shape, input_shape
+    return saved
+
+
+def rest_to_copy(weight_map, inference) -> list:
+    """The entries in use that the tracer's copy did not write; those it did take its checksums."""
+    copied = {(e.variable, e.parameter, e.transform): e for e in inference.entries}
+    rest = []
+    for e in weight_map.entries:
+        twin = copied.get((e.variable, e.parameter, e.transform))
+        if twin is None:
+            rest.append(e)
+        elif twin is not e:
+            e.hf_shape, e.keras_checksum, e.hf_checksum = twin.hf_shape, twin.keras_checksum, twin.hf_checksum
+    return rest

@@ -58,6 +58,11 @@ back as a `--mapping_file`.
     equals               `tracer.trace(copy_weights=False)`: the Keras weight(s) the torch tensor holds under a
                            layout transform, `name (transform)` joined by `; `, or `none`; else empty
     evidence             for `numeric` entries: the local errors that decided them; else empty
+    table_candidate      where the table and the tracer disagree (`mapping.Conflict`): each one's
+    table_local_rel_l2     `parameter (transform)` and the paired layer's local rel L2 with its weights on the
+    tracer_candidate       recorded input; `winner`: table | tracer | empty (the numbers cannot tell); else empty
+    tracer_local_rel_l2
+    winner
 
 ``summary.json``: the stable contract other tools read (`SUMMARY_KEYS`; floats that are NaN/Inf are null).
 
@@ -111,6 +116,7 @@ from pathlib import Path
 import pandas as pd
 
 from tracer.engine import compare
+from tracer.engine.mapping import CONFLICT_COLUMNS, conflict_columns
 
 LAYER_COLUMNS = [
     "tower", "order", "block", "keras_layer", "keras_class", "hf_module", "hf_class", "keras_shape", "hf_shape",
@@ -124,7 +130,7 @@ BLOCK_COLUMNS = [
 ]
 MAPPING_COLUMNS = [
     "variable", "parameter", "transform", "source", "status", "keras_shape", "hf_shape",
-    "keras_checksum", "hf_checksum", "equals", "evidence",
+    "keras_checksum", "hf_checksum", "equals", "evidence", *CONFLICT_COLUMNS,
 ]
 SUMMARY_KEYS = [
     "schema_version", "checkpoint", "verdict", "verdict_reasons", "image_embeds_max_abs", "text_embeds_max_abs",
@@ -253,6 +259,7 @@ def mapping_rows(entries) -> list[dict]:
             "hf_checksum": _text(getattr(e, "hf_checksum", "")),
             "equals": _text(getattr(e, "equals", "")),
             "evidence": _text(getattr(e, "evidence", "")),
+            **conflict_columns(getattr(e, "conflict", None)),
         })
     return out
 
@@ -719,6 +726,8 @@ def _mapping_table(rows: list[dict]) -> str:
     cols = ["variable", "parameter", "transform", "source", "status", "keras_shape", "hf_shape"]
     if checksums:
         cols += ["keras_checksum", "hf_checksum"]
+    if any(r["table_candidate"] for r in rows):  # both sides of each conflict, with their local errors
+        cols += list(CONFLICT_COLUMNS)
     head = "".join(f"<th>{esc(c.replace('_', ' '))}</th>" for c in cols)
     body = []
     for r in rows:
@@ -726,6 +735,8 @@ def _mapping_table(rows: list[dict]) -> str:
         for c in cols:
             if c == "status":
                 cells.append(f"<td>{_badge(r[c]) if r[c] else ''}</td>")
+            elif c in ("table_local_rel_l2", "tracer_local_rel_l2"):
+                cells.append(f'<td class="mono">{esc(_fmt(r[c]) if r[c] != "" else "")}</td>')
             elif c in ("variable", "parameter", "keras_checksum", "hf_checksum"):
                 cells.append(f'<td class="path mono">{_path(r[c])}</td>')
             else:
@@ -827,9 +838,10 @@ def render_html(result, data: dict | None = None) -> str:
         tower_map = [m for m, t_ in zip(mapping, towers_of_entries) if t_ == tower]
         if tower_map:
             bad = sum(m["status"] == "mismatch" for m in tower_map)
-            out.append(f'<details><summary>Mapping: {len(tower_map)} weights'
-                       f'{f" ({bad} mismatch)" if bad else ""}</summary><div>{_mapping_table(tower_map)}</div>'
-                       f'</details>')
+            disputed = sum(bool(m["table_candidate"]) for m in tower_map)
+            out.append(f'<details{" open" if disputed else ""}><summary>Mapping: {len(tower_map)} weights'
+                       f'{f" ({bad} mismatch)" if bad else ""}{f" ({disputed} in conflict)" if disputed else ""}'
+                       f'</summary><div>{_mapping_table(tower_map)}</div></details>')
         out.append("</section>")
     rest = [m for m, t_ in zip(mapping, towers_of_entries) if t_ not in _towers(rows)]
     if rest:

@@ -19,7 +19,9 @@ class Run:
     entries: list  # the weight mapping (`mapping.Entry`)
     outputs: Outputs  # the models' outputs paired and compared
     hints: list[str] = field(default_factory=list)  # run-level cause hints
-    conflicts: list[str] = field(default_factory=list)  # table entries the tracer's inference disagrees with
+    # Table entries the tracer's inference disagrees with (`mapping.Conflict`, measured): resolved ones were settled
+    # by the numbers (`--mapping auto`), the others are in use as the table gives them.
+    conflicts: list = field(default_factory=list)
     unmapped_keras: list[str] = field(default_factory=list)  # Keras weights with no torch place
     unwritten_torch: list[str] = field(default_factory=list)  # torch tensors no Keras weight maps to
     preprocessing: list[str] = field(default_factory=list)  # Keras weights of preprocessing layers (Normalization)
@@ -43,6 +45,11 @@ class Run:
         return Coverage(written, written + len(self.unwritten_torch), used, total)
 
     @property
+    def unresolved(self) -> list:
+        """The conflicts in use as the table gives them (the run fails on them once the report is written)."""
+        return [c for c in self.conflicts if not c.resolved]
+
+    @property
     def gaps(self) -> list[str]:
         """What the mapping leaves out, one line each."""
         out = []
@@ -51,8 +58,9 @@ class Run:
         if self.unwritten_torch:
             out.append(f"{len(self.unwritten_torch)} torch tensor(s) no Keras weight maps to: "
                        f"{self.unwritten_torch[:10]}")
-        if self.conflicts:
-            out.append(f"{len(self.conflicts)} mapping conflict(s): {self.conflicts[:5]}")
+        if self.unresolved:
+            out.append(f"{len(self.unresolved)} mapping conflict(s) with the table: "
+                       + "; ".join(map(str, self.unresolved[:5])))
         return out
 
     @property

@@ -99,6 +99,7 @@ class KerasProcess:
         self._send_lock = threading.Lock()
         self._probes: dict[str, list[Record]] = {}
         self._ring: _Ring | None = None
+        self._ring_dropped = False  # after a run that went on to the next tower: the worker closed its side
         self._broken = False
         self.peak_rss_mb: float | None = None  # the worker's, as it reports it when stopped
 
@@ -158,6 +159,8 @@ class KerasProcess:
             while True:
                 kind, payload = self._receive()
                 if kind == "done":
+                    if then is not None:  # the worker dropped its side of the ring with the tower
+                        self._ring_dropped = True
                     return records
                 if kind == "attached":
                     ring.unlink()  # both processes have it mapped: the name is no longer needed
@@ -206,7 +209,8 @@ class KerasProcess:
         """A ring for RING_RECORDS of the run's largest activation (its size from the probe's shapes)."""
         largest = largest_output(self._probes[tower], tower, chunk.image_size)
         size = max(RING_RECORDS * int(largest * chunk.count(tower) * 4), 1 << 20)
-        if self._ring is None or not size <= self._ring.size <= 2 * size:
+        if self._ring is None or not size <= self._ring.size <= 2 * size or self._ring_dropped:
+            self._ring_dropped = False
             if self._ring is not None:
                 self._ring.close()
             self._ring = _Ring(size, self._send)

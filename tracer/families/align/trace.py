@@ -26,13 +26,14 @@ from tracer.engine.pairing import Pair, pair_records
 from tracer.progress import progress, stage
 from tracer.engine.record import Record
 from tracer.families.align.towers import FEATURES, TOWERS, largest_output, tower_of
+from tracer.engine.numeric import rest_to_copy
 from tracer.engine.transfer import Coverage, coverage_of, transfer
 
 
 @dataclass
 class Traced:
     weight_map: WeightMap
-    conflicts: list[str]
+    conflicts: list  # `mapping.Conflict`, measured; those not `resolved` are in use as the table gives them
     unmapped: list[str]
     coverage: Coverage | None = None  # None: the mapping was incomplete or conflicting, nothing was copied
     keras_out: dict | None = None
@@ -78,7 +79,7 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
         chosen += t.weight_map.entries
         conflicts += t.conflicts
         unmapped += t.unmapped
-        if t.conflicts or t.unmapped:
+        if t.unmapped:
             return Traced(WeightMap(chosen), conflicts, unmapped)
         pairs += t.pairs
         rows += t.rows
@@ -91,16 +92,17 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
         used = {e.variable for e in chosen}
         rest = {n: s for n, s in shapes.items() if n not in used}
         free = {n: s for n, s in hf_side.hf_shapes(hf_model).items() if tower_of(n) is None}
-        left, conflicts = reconcile(_restrict(table, set(rest)), infer_mapping([], rest, free), mode)
+        left, more = reconcile(_restrict(table, set(rest)), infer_mapping([], rest, free), mode)
+        conflicts += more  # no layer computes with these: nothing to measure, the table stays as given
         order = {n: i for i, n in enumerate(shapes)}  # checkpoint order, as the table gives it
         weight_map = WeightMap(sorted(chosen + left.entries, key=lambda e: order[e.variable]))
         unmapped = [n for n in rest if n not in {e.variable for e in left.entries}]
-        if conflicts or unmapped:
+        if unmapped:
             return Traced(weight_map, conflicts, unmapped)
         transfer(checkpoint.read, list(rest), left, writer, allow_nonfinite=True)
         coverage = coverage_of(writer, weight_map.entries, len(shapes))
     mark_mismatches(weight_map.entries, rows)
-    return Traced(weight_map, [], [], coverage, with_embeds(features["keras"]), with_embeds(features["hf"]),
+    return Traced(weight_map, conflicts, [], coverage, with_embeds(features["keras"]), with_embeds(features["hf"]),
                   pairs, rows)
 
 
@@ -147,15 +149,28 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
         weight_map, conflicts = reconcile(_restrict(table, names), inference, mode)
         mapped = {e.variable for e in weight_map.entries}
         unmapped = [n for n in shapes if n in names and n not in mapped]
-    if conflicts or unmapped:
+    if unmapped:
         return Traced(weight_map, conflicts, unmapped)
     with stage("copy weights", timings):
-        chosen = {(e.variable, e.parameter, e.transform) for e in weight_map.entries}
         copied = {(e.variable, e.parameter, e.transform) for e in early}
-        if not copied <= chosen:  # auto mode keeps every table entry unless it conflicts, and then we stopped above
-            raise RuntimeError(f"copied from the table but not chosen: {sorted(copied - chosen)[:5]}")
-        rest = [e for e in weight_map.entries if (e.variable, e.parameter, e.transform) not in copied]
-        transfer(keras.weights(tower) or read, list(names), WeightMap(rest), writer, allow_nonfinite=True)
+        in_use = {(e.variable, e.parameter, e.transform) for e in weight_map.entries}
+        if not copied <= in_use:  # auto mode keeps every table entry until the numbers say otherwise
+            raise RuntimeError(f"copied from the table but not in use: {sorted(copied - in_use)[:5]}")
+        weights = keras.weights(tower) or read
+        # The tracer's own mapping first (in `table` mode only where the table writes too): the numbers judge
+        # doubts on it; the entries in use are then written over it.
+        table_params = {e.parameter for e in weight_map.entries}
+        ours = [e for e in inference.entries if (e.variable, e.parameter, e.transform) not in copied
+                and (mode != "table" or e.parameter in table_params)]
+        transfer(weights, list(names), WeightMap(ours), writer, allow_nonfinite=True)
+    with stage("numbers decide", timings):
+        weight_map, conflicts = _by_numbers(keras, tower, inputs, pairs, inference, _restrict(table, names), mode,
+                                            weights)
+    with stage("copy weights", timings):
+        over = {e.parameter for e in ours}  # an early table entry the tracer's copy wrote over is written again
+        written = {(e.variable, e.parameter, e.transform) for e in ours} | {c for c in copied if c[1] not in over}
+        rest = [e for e in rest_to_copy(weight_map, inference) if (e.variable, e.parameter, e.transform) not in written]
+        transfer(weights, list(names), WeightMap(rest), writer, allow_nonfinite=True)
 
     paired = [p for p in pairs if p.paired]
     total = inputs.count(tower)
@@ -194,7 +209,28 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
         for record in keras_records:
             if record.order not in needed["keras"]:
                 record.layer = None
-    return Traced(weight_map, [], [], None, {name: features["keras"]}, {name: features["hf"]}, tower_pairs, rows)
+    return Traced(weight_map, conflicts, [], None, {name: features["keras"]}, {name: features["hf"]}, tower_pairs,
+                  rows)
+
+
+def _by_numbers(keras, tower, inputs, pairs, inference, table, mode, read):
+    """`numeric.by_numbers` for one tower, the Keras side run by `keras` on the first example; then the winners
+    taken (`infer.take_winners`). Returns the weight map and every conflict, measured."""
+    from tracer.engine.infer import take_winners
+    from tracer.engine.lockstep import drop_arrays
+    from tracer.engine.numeric import by_numbers
+
+    def run_keras(orders: set[int]) -> dict:
+        def sink(record):
+            if record.order not in orders:
+                drop_arrays(record)
+
+        records = keras.run(tower, inputs.select(slice(1), slice(1)), sink, orders, lambda order: order in orders)
+        return {r.order: r for r in records}
+
+    weight_map, conflicts, _ = by_numbers(pairs, inference, table, mode, read, run_keras, lambda: float("inf"))
+    take_winners(weight_map, inference, mode)
+    return weight_map, conflicts
 
 
 def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_probe, measured, keep=False,
