@@ -1,0 +1,158 @@
+"""The reference's own sensitivity (tracer/engine/sensitivity.py): amplified round-off told from a fault.
+
+The engine rule on hand-made rows; then a demo ALIGN whose vision tower is deep enough (width 0.4, depth 2.0:
+32 blocks) that a uniform-noise image, far from the smooth images its BatchNorm was calibrated on, grows float32
+round-off past the embeddings' tolerance. The tiny demo (7 blocks) stays well-conditioned on the same noise even
+with uncalibrated BatchNorm (measured: image_embeds max|Δ| 1.1e-6), so it cannot show the effect.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tracer.engine import sensitivity as conditioning
+from tracer.engine.compare import ACCUMULATED_REL_L2
+from tracer.engine.record import Record
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+def test_perturb_moves_every_float_by_one_ulp_and_leaves_integers():
+    x = np.random.default_rng(1).uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+    moved = conditioning.perturb(x)
+    assert moved.dtype == np.float32
+    assert np.all(np.abs(moved - x) == np.spacing(x))  # exactly one ulp, never zero
+    assert 0 < np.mean(moved > x) < 1  # both directions
+    assert np.array_equal(moved, conditioning.perturb(x))  # a fixed seed
+    ids = np.arange(6).reshape(2, 3)
+    assert conditioning.perturb(ids) is ids or np.array_equal(conditioning.perturb(ids), ids)
+    assert conditioning.doubled(x).shape == (4, 5, 5, 3)
+
+
+def test_meter_compares_the_two_halves_of_each_wanted_record():
+    plain = np.ones((2, 4), np.float32)
+    record = Record("keras", "model", 3, "dense", "Dense", "linear", (4, 4), "float32",
+                    output=np.concatenate([plain, plain * 1.01]))
+    other = Record("keras", "model", 4, "relu", "ReLU", "activation", (4, 4), "float32",
+                   output=np.concatenate([plain, plain]))
+    meter = conditioning.Meter([3], 2)
+    meter(record)
+    meter(other)
+    assert set(meter.sums) == {3}
+    assert meter.sums[3].result().rel_l2 == pytest.approx(0.01, rel=1e-4)
+    assert record.output is None  # dropped once measured
+    assert meter.last is not None and meter.last[0].shape == (2, 4)
+
+
+def _rows(errors, sensitivities, status="amplified"):
+    return [{"tower": "vision", "order": i, "block": "b", "keras_layer": f"k{i}", "hf_module": f"h{i}",
+             "rel_l2": e, "max_abs": e, "local_rel_l2": 1e-7, "status": status if e > ACCUMULATED_REL_L2 else "ok",
+             "reference_sensitivity": s, "reference_sensitivity_max_abs": s}
+            for i, (e, s) in enumerate(zip(errors, sensitivities))]
+
+
+def test_rule_same_size_is_conditioning_far_above_is_a_fault():
+    rows = _rows([1e-6, 1e-3, 0.3], [1e-6, 5e-4, 0.2])
+    same = conditioning.Sensitivity([conditioning.PartSensitivity("image_embeds", 0.12, 0.1, 1e-3, "vision")],
+                                    conditioning.breakdown(rows))
+    assert conditioning.rule(rows, same)
+    assert same.breakdown["keras_layer"] == "k1"  # the first row the reference itself moves over tolerance
+    far = conditioning.Sensitivity([conditioning.PartSensitivity("image_embeds", 0.12, 1e-5, 1e-3, "vision")])
+    assert not conditioning.rule(rows, far)
+    assert not conditioning.rule(rows, None)  # not measured: nothing excuses the miss
+    within = conditioning.Sensitivity([conditioning.PartSensitivity("image_embeds", 1e-4, 1e-5, 1e-3, "vision")])
+    assert not conditioning.rule(rows, within)  # no output missed: a plain match, not "ill-conditioned"
+    diverged = _rows([1e-6, 1e-3, 0.3], [1e-6, 5e-4, 0.2], status="diverged")
+    assert not conditioning.rule(diverged, same)  # a layer off on its own is a fault whatever the reference does
+
+
+def test_report_verdict_and_amplified_hint():
+    from tracer.engine.report import verdict
+
+    class Parity:
+        temperature_match = True
+
+        def reasons(self):
+            return ["image_embeds max|Δ| 1.20e-01 > atol 0.001"]
+
+    rows = _rows([1e-6, 1e-3, 0.3], [1e-6, 5e-4, 0.2])
+    same = conditioning.Sensitivity([conditioning.PartSensitivity("image_embeds", 0.12, 0.1, 1e-3, "vision")],
+                                    conditioning.breakdown(rows))
+    word, reasons = verdict(rows, Parity(), same)
+    assert word == "ill-conditioned" and "ill-conditioned" in reasons[-1]
+    assert verdict(rows, Parity(), None)[0] == "diverged"
+    hint = conditioning.amplified_hint(rows[2])
+    assert hint.startswith("[amplified] amplified round-off: the original model itself moves by rel_l2 2.00e-01")
+    assert conditioning.amplified_hint({**rows[2], "reference_sensitivity": 1e-4}) is None  # 3000x: not explained
+
+
+# ------------------------------------------------------------------------------------------------ ALIGN, end to end
+
+
+@pytest.fixture(scope="module")
+def deep_noise(tmp_path_factory):
+    """A calibrated demo ALIGN with a 32-block vision tower, and a uniform-noise image (with the demo's texts)."""
+    from tracer.families.align.demo import demo_inputs, demo_spec, write_demo_checkpoint
+    from tracer.families.align.spec import AlignSpec, VisionSpec
+
+    folder = tmp_path_factory.mktemp("deep_noise")
+    vision = VisionSpec(width_coefficient=0.4, depth_coefficient=2.0)
+    spec = AlignSpec(vision=vision, text=demo_spec("tiny").text, embed_dim=vision.hidden_dim)
+    prefix = write_demo_checkpoint(folder / "model-weights", spec)
+    arrays = {k: v for k, v in demo_inputs(spec, n=1).items()
+              if k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids")}
+    arrays["pixel_values"] = np.random.default_rng(0).uniform(0, 255, arrays["pixel_values"].shape).astype(np.float32)
+    np.savez(folder / "noise.npz", **arrays)
+    return prefix, folder / "noise.npz", folder
+
+
+def _cli(*args):
+    from test_cli import run
+
+    return run(*args)
+
+
+def test_noise_on_an_ill_conditioned_model_is_a_match_and_saves(deep_noise, tmp_path):
+    prefix, noise, _ = deep_noise
+    out, report = tmp_path / "hf", tmp_path / "report"
+    code, errors, _ = _cli("--checkpoint_path", prefix, "--inputs", noise, "--trace", "--save_model",
+                           "--pytorch_dump_folder_path", out, "--report_dir", report)
+    assert code == 0, errors
+    assert (out / "config.json").is_file()
+    data = json.loads((report / "summary.json").read_text())
+    assert data["verdict"] == "ill-conditioned" and data["verdict_text"] == "match (ill-conditioned input)"
+    assert data["layer_statuses"]["diverged"] == 0
+    image = next(p for p in data["sensitivity"]["parts"] if p["part"] == "image_embeds")
+    assert image["missed"] and image["explained"]  # over atol, and of the reference's own size
+    assert image["error"] > 1e-3 and image["sensitivity"] > image["error"] / conditioning.SAME_SIZE
+    assert data["sensitivity"]["breakdown"]["tower"] == "vision"
+    layers = pd.read_csv(report / "layers.csv")
+    vision = layers[layers["tower"] == "vision"]
+    assert vision["reference_sensitivity"].notna().mean() > 0.9  # measured at (nearly) every paired layer
+    assert layers[layers["tower"] == "text"]["reference_sensitivity"].isna().all()  # token ids: not perturbed
+    hints = layers["hint"].fillna("")
+    assert hints.str.startswith("[amplified] amplified round-off: the original model itself moves by").any()
+    assert not hints.str.contains("unpaired before it").any()
+    html = (report / "report.html").read_text()
+    assert "MATCH (ILL-CONDITIONED INPUT)" in html and "Reference sensitivity" in html
+
+
+def test_a_wrong_batch_norm_eps_on_the_same_noise_still_fails(deep_noise, tmp_path):
+    prefix, noise, _ = deep_noise
+    out, report = tmp_path / "hf", tmp_path / "report"
+    code, errors, _ = _cli("--checkpoint_path", prefix, "--inputs", noise, "--trace", "--save_model",
+                           "--pytorch_dump_folder_path", out, "--report_dir", report,
+                           "--hf_config", "vision_config.batch_norm_eps=1e-5")
+    assert code == 1, errors
+    assert not out.exists()
+    data = json.loads((report / "summary.json").read_text())
+    assert data["verdict"] == "diverged"
+    first = data["first_local_divergence"]
+    assert first["tower"] == "vision" and "[epsilon]" in first["hint"]
+    layers = pd.read_csv(report / "layers.csv")
+    row = layers[(layers["tower"] == "vision") & (layers["order"] == first["order"])].iloc[0]
+    assert row["keras_class"] == "BatchNormalization"
