@@ -159,3 +159,48 @@ def test_a_wrong_batch_norm_eps_on_the_same_noise_still_fails(deep_noise, tmp_pa
     layers = pd.read_csv(report / "layers.csv")
     row = layers[(layers["tower"] == "vision") & (layers["order"] == first["order"])].iloc[0]
     assert row["keras_class"] == "BatchNormalization"
+
+
+# ------------------------------------------------------------------------------------------------ tracer.trace
+
+
+def _dense_chain(scale_at: int | None = None):
+    """Six 64-wide Dense layers with large weights (outputs ~1e8: float32 round-off alone moves them by ~10),
+    and a torch port that accumulates in float64 and rounds once: correct, but rounding otherwise than Keras.
+    `scale_at`: that layer's port multiplies by 1.001, a genuine fault."""
+    import tf_keras
+    import torch
+    from torch import nn
+
+    class Linear64(nn.Linear):
+        def __init__(self, factor: float = 1.0):
+            super().__init__(64, 64, bias=False)
+            self.factor = factor
+
+        def forward(self, x):
+            return (x.double() @ self.weight.double().T * self.factor).to(torch.float32)
+
+    init = tf_keras.initializers.RandomNormal
+    keras_model = tf_keras.Sequential([tf_keras.Input((64,))] + [
+        tf_keras.layers.Dense(64, use_bias=False, kernel_initializer=init(stddev=2.0, seed=i)) for i in range(6)])
+    torch_model = nn.Sequential(*[Linear64(1.001 if i == scale_at else 1.0) for i in range(6)])
+    return keras_model, torch_model
+
+
+def test_trace_tells_amplified_round_off_from_a_fault():
+    import tracer
+
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    run = tracer.trace(*_dense_chain(), x)
+    assert not run.outputs.ok  # max|Δ| ~10 against atol 1e-4
+    assert run.verdict == "ill-conditioned"
+    assert run.summary["verdict_text"] == "match (ill-conditioned input)"
+    (output,) = run.sensitivity.parts
+    assert output.missed and output.explained and output.sensitivity > 0
+    assert run.layers["reference_sensitivity"].notna().all()
+    assert run.layers["hint"].str.startswith("[amplified]").any()
+
+    faulty = tracer.trace(*_dense_chain(scale_at=2), x)
+    assert faulty.verdict == "diverged"
+    assert faulty.sensitivity is None  # a layer off on its own: nothing for the sensitivity to excuse
+    assert faulty.first_local_divergence["order"] == 2
