@@ -204,3 +204,32 @@ def test_trace_tells_amplified_round_off_from_a_fault():
     assert faulty.verdict == "diverged"
     assert faulty.sensitivity is None  # a layer off on its own: nothing for the sensitivity to excuse
     assert faulty.first_local_divergence["order"] == 2
+
+
+def test_the_keras_worker_measures_the_sensitivity_as_this_process_does(tiny_bundle):
+    """`KerasProcess.sensitivity` (the CLI's path: the perturbed run in the worker, only sums coming back) against
+    `LocalKeras.sensitivity`, on the tiny demo's first image."""
+    from tracer.families.align.inputs import IMAGE_SIZE as ALIGN_IMAGE_SIZE, SEQ_LENGTH, inputs_from_npz
+    from tracer.families.align.keras_side import KerasProcess, LocalKeras
+    from tracer.families.align.spec import derive_spec
+    from tracer.io.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(str(tiny_bundle / "model-weights"))
+    spec = derive_spec(checkpoint.shapes(), image_size=ALIGN_IMAGE_SIZE, seq_length=SEQ_LENGTH)
+    chunk = inputs_from_npz(str(tiny_bundle / "reference.npz"), SEQ_LENGTH, ALIGN_IMAGE_SIZE).select(slice(1), slice(1))
+    local = LocalKeras(spec, checkpoint.read)
+    records, _ = local.probe("vision")
+    orders = range(len(records))
+    here = local.sensitivity("vision", chunk, orders)
+    keras = KerasProcess(str(tiny_bundle / "model-weights"), ALIGN_IMAGE_SIZE, SEQ_LENGTH)
+    try:
+        keras.probe("vision")
+        there = keras.sensitivity("vision", chunk, orders)
+        assert keras.sensitivity("text", chunk, ()) is None  # token ids: nothing to perturb
+    finally:
+        keras.close()
+    assert here[0].keys() == there[0].keys() and len(here[0]) > 50
+    for order, sums in here[0].items():
+        assert there[0][order].result().rel_l2 == pytest.approx(sums.result().rel_l2, rel=1e-5, abs=1e-12)
+    assert np.allclose(here[1], there[1], rtol=1e-6, atol=1e-7)
+    assert max(s.result().rel_l2 for s in here[0].values()) > 0  # the perturbation moved something
