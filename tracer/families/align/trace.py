@@ -6,7 +6,8 @@ towers' call order on that probe gives the pairs (`pairing`), hence the mapping 
 towers run on the real inputs side by side (`lockstep`), in chunks of examples that keep activation memory within
 the budget, and only each layer's sums (`compare.Measured`) are kept. The Keras tower is released before the next
 one is built. Arrays are kept only where the diagnosis needs them, from a second, one-example pass that runs only
-when something diverged.
+when something diverged. Where a tower's output or rows miss their tolerance with no layer diverged, the Keras
+side measures its own sensitivity to round-off (`engine.sensitivity`) while the tower is still built.
 """
 
 from __future__ import annotations
