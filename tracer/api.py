@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from tracer.engine.compare import Measured, Tolerances, layer_rows, module_blocks, nhwc_to_nchw
+from tracer.engine import sensitivity as conditioning
+from tracer.engine.compare import Measured, Tolerances, layer_rows, max_abs, module_blocks, nhwc_to_nchw
 from tracer.engine.infer import infer_mapping, reconcile
 from tracer.engine.lockstep import Lockstep, final_pairs, needed_for_diagnosis
 from tracer.engine.mapping import Entry, WeightMap, map_by_file, read_mapping
@@ -328,8 +329,14 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         block_of = block_of or module_blocks(final)
         rows = layer_rows(final, weight_map.entries, block_of, tol)
         keep = output_filter or (lambda outputs: outputs)
-        outputs = compare_outputs(keep(_concat(keras_out)), keep(_concat(torch_out)), tolerances)
+        keras_outputs = keep(_concat(keras_out))
+        outputs = compare_outputs(keras_outputs, keep(_concat(torch_out)), tolerances)
         timings["trace and compare"] = time.perf_counter() - started - sum(timings.values())
+        sensitivity = None
+        if conditioning.wanted(rows, not outputs.ok):
+            sensitivity = _reference_sensitivity(keras_model, keras_in, paired, rows, outputs, keras_outputs, keep,
+                                                 max(1, step // 2))
+            timings["reference sensitivity"] = time.perf_counter() - started - sum(timings.values())
 
         hints: list[str] = []
         if diagnose and (not outputs.ok or any(r["status"] == "diverged" or suspect(r) for r in rows)):
@@ -348,7 +355,39 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
     return Run(rows=rows, pairs=final, entries=weight_map.entries, outputs=outputs, hints=hints,
                conflicts=conflicts, unmapped_keras=unmapped, unwritten_torch=unwritten,
                preprocessing=sorted(preprocessing), copied=copy_weights, timings=timings, title=title,
-               tolerances=tol)
+               tolerances=tol, sensitivity=sensitivity)
+
+
+def _reference_sensitivity(keras_model, keras_in, paired, rows, outputs, keras_outputs, keep, step):
+    """The Keras model's own sensitivity (`engine.sensitivity`): run on its inputs and their round-off-perturbed
+    copy as one batch, in chunks of `step` examples, each paired layer's two halves compared as it is recorded;
+    the rows get their `reference_sensitivity`, each compared output its part. None when no input is a float
+    (token ids have no round-off to perturb)."""
+    if not any(conditioning.perturbable(a) for a in _leaves(keras_in)):
+        return None
+    path_of = {p.keras.order: (p.tower, p.keras.path) for p in paired}
+    sums: dict = {}
+    perturbed_chunks = []
+    for begin in range(0, _batch(keras_in, "inputs"), step):
+        chunk = _select(keras_in, slice(begin, begin + step))
+        n = _batch(chunk, "inputs")
+        meter = conditioning.Meter(path_of, n)
+        _, out = _run_keras(keras_model, _map_leaves(conditioning.doubled, chunk), True, meter)
+        conditioning.merge(sums, meter.sums)
+        perturbed_chunks.append([(name, a[n:]) for name, a in out])
+    conditioning.annotate(rows, {path_of[order]: s for order, s in sums.items()})
+    plain, perturbed = dict(keras_outputs), dict(keep(_concat(perturbed_chunks)))
+    parts = [conditioning.PartSensitivity(p.keras_name, p.max_abs, max_abs(plain[k], perturbed[k]), p.atol)
+             for p in outputs.pairs if (k := p.keras_name) in plain and k in perturbed]
+    return conditioning.Sensitivity(parts, conditioning.breakdown(rows))
+
+
+def _map_leaves(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _map_leaves(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_leaves(fn, v) for v in tree)
+    return fn(tree)
 
 
 def _copy_by_numbers(keras_model, torch_model, keras_example, torch_example, pairs: list[Pair], inference,

@@ -28,6 +28,7 @@ import numpy as np
 from tracer.engine.compare import (ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, nhwc_to_nchw,
                                    to_keras_layout)
 from tracer.engine.record import output_layout
+from tracer.engine.sensitivity import amplified_hint
 
 logger = logging.getLogger(__name__)
 
@@ -881,6 +882,8 @@ def _fallback(pair, row, ctx: Context) -> str:
     if row["status"] == "diverged":
         return (f"[unexplained] local rel_l2 {_as_of(row)}: none of the checks ({', '.join(c.name for c in CHECKERS)}) "
                 "fits it")
+    if amplified := amplified_hint(row):  # the reference itself moves that much: nothing upstream to blame
+        return amplified
     upstream = []
     at = next((i for i, p in enumerate(ctx.pairs) if p is pair), 0)
     for p in ctx.pairs[:at][::-1]:
@@ -889,11 +892,22 @@ def _fallback(pair, row, ctx: Context) -> str:
         if p.paired:
             break
         r = p.keras or p.torch
+        if _computes_nothing(r):
+            continue
         upstream.append(f"{'Keras' if p.keras else 'HF'} `{r.path.rsplit('/', 1)[-1] if p.keras else r.path}` "
                         f"{'x'.join(map(str, r.shape))}")
     where = f": unpaired before it: {', '.join(upstream[::-1])}" if upstream else ""
     return (f"[upstream] its own computation matches (local rel_l2 {_as_of(row)}) but its input already differs "
             f"(accumulated rel_l2 {_fmt(row.get('rel_l2', float('nan')))}): the error enters before it{where}")
+
+
+# Kinds that pass their input on unchanged (in inference): an unpaired one cannot be where an error enters.
+_PASS_THROUGH = {"dropout", "reshape", "input"}
+
+
+def _computes_nothing(record) -> bool:
+    """A container (its members compute, and have rows of their own) or a weightless pass-through."""
+    return record.is_container or (record.kind in _PASS_THROUGH and not record.variables)
 
 
 def target_rows(rows: list[dict], tower_off: Callable[[str], bool]) -> tuple[list[dict], set[int]]:
@@ -965,6 +979,9 @@ def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None
             row["hint"] = " | ".join(found) or _fallback(pair, row, ctx)
         done.append((row, pair))
     _sub_tolerance_activations(ctx)
+    for row in rows:  # amplified rows the reference's own sensitivity accounts for say so
+        if not row["hint"] and (amplified := amplified_hint(row)):
+            row["hint"] = amplified
     return run_hints
 
 

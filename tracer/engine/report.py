@@ -24,6 +24,9 @@ execution order per tower (vision first, then text).
     local_max_abs    local error: the HF module run on the Keras layer's own input (max |Δ|, relative L2);
     local_rel_l2       empty where it cannot be measured
     growth           rel_l2 / the previous row's rel_l2 in the same tower
+    reference_sensitivity          the original model against itself on its input moved by float32 round-off
+    reference_sensitivity_max_abs    (rel L2, max|Δ|; tracer/engine/sensitivity.py): measured only when an
+                     output or a row misses its tolerance and no layer is locally off; empty otherwise
     status           ok | amplified (accumulated error over tolerance, own error within) | diverged (own error
                      over tolerance) | unpaired (a layer without a partner)
     weights          `variable -> parameter; …` for the weights the Keras layer owns
@@ -68,10 +71,20 @@ back as a `--mapping_file`.
 
     schema_version           1
     checkpoint               the checkpoint path
-    verdict                  "match" | "diverged": "diverged" when any layer row is `diverged`, when either final
-                             embedding misses the tolerance (max |Δ| > atol), or when the temperature was not
-                             carried over; `amplified` rows alone never make a run diverge
+    verdict                  "match" | "ill-conditioned" | "diverged": "diverged" when any layer row is
+                             `diverged`, when either final embedding misses the tolerance (max |Δ| > atol), or
+                             when the temperature was not carried over; `amplified` rows alone never make a run
+                             diverge. "ill-conditioned" (a match): outputs miss their tolerance, no layer
+                             diverged, and every missed output and row over tolerance is within
+                             sensitivity.SAME_SIZE of what the original model itself moves by under a one-ulp
+                             change of its input (the input's conditioning, not the port)
+    verdict_text             the verdict for a person: "match", "match (ill-conditioned input)", "diverged"
     verdict_reasons          the reasons above, as sentences ([] on a match)
+    sensitivity              null (not measured), or `sensitivity.Sensitivity.as_dict(rows)`: {"parts": [{"part",
+                             "error" (Keras vs HF max|Δ|), "sensitivity" (Keras vs perturbed Keras), "tolerance",
+                             "missed", "explained", "ratio"}], "breakdown" (the first row whose
+                             reference_sensitivity exceeds the accumulated tolerance), "factor", "perturbation",
+                             "rows_measured", "rows_over_tolerance", "rows_unexplained", "first_unexplained"}
     image_embeds_max_abs     max |Δ| of the L2-normalised image / text embeddings
     text_embeds_max_abs
     image_embeds_cosine_min  the smallest per-example cosine similarity of those embeddings
@@ -120,8 +133,8 @@ from tracer.engine.mapping import CONFLICT_COLUMNS, conflict_columns
 
 LAYER_COLUMNS = [
     "tower", "order", "block", "keras_layer", "keras_class", "hf_module", "hf_class", "keras_shape", "hf_shape",
-    "max_abs", "mean_abs", "rel_l2", "cosine", "local_max_abs", "local_rel_l2", "growth", "status",
-    "weights", "mapping_source", "hint",
+    "max_abs", "mean_abs", "rel_l2", "cosine", "local_max_abs", "local_rel_l2", "growth",
+    "reference_sensitivity", "reference_sensitivity_max_abs", "status", "weights", "mapping_source", "hint",
 ]
 BLOCK_COLUMNS = [
     "tower", "block", "block_order", "first_order", "last_order", "layers", "status",
@@ -133,7 +146,8 @@ MAPPING_COLUMNS = [
     "keras_checksum", "hf_checksum", "equals", "evidence", *CONFLICT_COLUMNS,
 ]
 SUMMARY_KEYS = [
-    "schema_version", "checkpoint", "verdict", "verdict_reasons", "image_embeds_max_abs", "text_embeds_max_abs",
+    "schema_version", "checkpoint", "verdict", "verdict_text", "verdict_reasons", "sensitivity",
+    "image_embeds_max_abs", "text_embeds_max_abs",
     "image_embeds_cosine_min", "text_embeds_cosine_min", "temperature", "coverage", "mapping_sources",
     "mapping_statuses", "layers", "layer_statuses", "first_local_divergence", "first_accumulated_divergence",
     "towers", "diverged_blocks", "tolerances", "hints", "reference_max_abs", "set_aside", "timings", "spec", "files",
@@ -302,21 +316,34 @@ def _statuses(rows: list[dict]) -> dict:
     return {**{s: counts.get(s, 0) for s in STATUSES}, **{s: n for s, n in counts.items() if s not in STATUSES}}
 
 
-def verdict(rows: list[dict], parity) -> tuple[str, list[str]]:
-    """`match` or `diverged`, and why: diverged layers, then what the outputs' comparison (`parity.reasons()`)
-    finds."""
+def verdict(rows: list[dict], parity, sensitivity=None) -> tuple[str, list[str]]:
+    """`match`, `ill-conditioned` or `diverged`, and why: diverged layers, then what the outputs' comparison
+    (`parity.reasons()`) finds; `ill-conditioned` where the reference's own `sensitivity` explains the missed
+    outputs and rows over tolerance (`sensitivity.rule`; never a diverged layer or a temperature not carried
+    over)."""
+    from tracer.engine import sensitivity as conditioning
+
     reasons = []
     diverged = sum(r.get("status") == "diverged" for r in rows)
     if diverged:
         reasons.append(f"{diverged} layer(s) diverged")
     reasons += parity.reasons()
+    if reasons and getattr(parity, "temperature_match", True) and conditioning.rule(rows, sensitivity):
+        return conditioning.VERDICT, reasons + [conditioning.explanation(sensitivity)]
     return ("diverged" if reasons else "match"), reasons
+
+
+def verdict_text(word: str) -> str:
+    from tracer.engine import sensitivity as conditioning
+
+    return conditioning.VERDICT_TEXT if word == conditioning.VERDICT else word
 
 
 def summary(result, checkpoint_path: str) -> dict:
     p, rows = result.parity, result.rows
     entries = result.entries or []
-    name, reasons = verdict(rows, p)
+    sensitivity = getattr(result, "sensitivity", None)
+    name, reasons = verdict(rows, p, sensitivity)
     tolerances = getattr(result, "tolerances", None) or compare.FLOAT32  # the run's precision's set
     local, accumulated = first_divergences(rows, tolerances)
     towers = {}
@@ -334,7 +361,9 @@ def summary(result, checkpoint_path: str) -> dict:
         "schema_version": SCHEMA_VERSION,
         "checkpoint": str(checkpoint_path),
         "verdict": name,
+        "verdict_text": verdict_text(name),
         "verdict_reasons": reasons,
+        "sensitivity": sensitivity.as_dict(rows) if sensitivity is not None else None,
         **p.summary_fields(),
         "coverage": result.coverage.as_dict() if getattr(result, "coverage", None) else None,
         "mapping_sources": {**{s: sources.get(s, 0) for s in MAPPING_SOURCES}, **sources},
@@ -401,7 +430,7 @@ def format_summary(result) -> str:
     counts = data["layer_statuses"]
     layers = (f" ({counts['diverged']} of {data['layers']} layers diverged, {counts['amplified']} amplified)"
               if data["layers"] else "")
-    lines.append(f"verdict: {data['verdict'].upper()}{layers}")
+    lines.append(f"verdict: {data['verdict_text'].upper()}{layers}")
     for reason in data["verdict_reasons"]:
         lines.append(f"  - {reason}")
     lines += result.parity.summary_lines(data)
@@ -451,10 +480,10 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monosp
 section { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 18px 20px; margin: 16px 0; }
 .verdict { display: flex; align-items: center; gap: 18px; padding: 16px 20px; border-radius: 10px; margin: 8px 0 16px;
            border: 1px solid; }
-.verdict.match { background: var(--ok-bg); border-color: #4ac26b; }
+.verdict.match, .verdict.ill-conditioned { background: var(--ok-bg); border-color: #4ac26b; }
 .verdict.diverged { background: var(--bad-bg); border-color: #ff8182; }
 .verdict .word { font-size: 28px; font-weight: 800; letter-spacing: .06em; }
-.verdict.match .word { color: var(--ok); } .verdict.diverged .word { color: var(--bad); }
+.verdict.match .word, .verdict.ill-conditioned .word { color: var(--ok); } .verdict.diverged .word { color: var(--bad); }
 .verdict ul { margin: 0; padding-left: 18px; }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: 12px; }
 .card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
@@ -700,6 +729,7 @@ def _layer_table(rows: list[dict], tolerances: dict, fault: dict | None) -> str:
     hints = any(_text(r.get("hint")) for r in rows)
     head = ("<tr><th>#</th><th>block</th><th>Keras layer</th><th>HF module</th><th>shape</th><th>status</th>"
             "<th>local rel L2</th><th>accum. rel L2</th><th>accum. max|Δ|</th><th>cosine</th><th>growth</th>"
+            "<th>ref. sensitivity</th>"
             f"<th>source</th>{'<th>hint</th>' if hints else ''}</tr>")
     body = []
     for r in rows:
@@ -716,7 +746,7 @@ def _layer_table(rows: list[dict], tolerances: dict, fault: dict | None) -> str:
             f'<td class="path mono">{_path(r.get("hf_module"))} <span class="meta">{esc(r.get("hf_class"))}</span></td>'
             f'<td class="mono">{esc(shape)}</td><td>{_badge(_text(r.get("status")))}</td>'
             f'{_num(r.get("local_rel_l2"), tol=tol_l)}{_num(r.get("rel_l2"), tol=tol_a)}{_num(r.get("max_abs"))}'
-            f'{_num(r.get("cosine"), ".7f")}{_num(r.get("growth"), ".3g")}'
+            f'{_num(r.get("cosine"), ".7f")}{_num(r.get("growth"), ".3g")}{_num(r.get("reference_sensitivity"))}'
             f'<td>{esc(r.get("mapping_source"))}</td>{hint_cell}</tr>')
     return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -766,6 +796,25 @@ def _fault_box(fault: dict | None, accumulated: dict | None, what: str = "") -> 
     return "".join(out)
 
 
+def _sensitivity_box(sensitivity: dict | None) -> str:
+    """The reference's own sensitivity beside the port's error, per output, and where conditioning breaks down."""
+    if not sensitivity:
+        return ""
+    items = "".join(
+        f"<li><code>{esc(o['part'])}</code>: Keras vs HF max|Δ| {esc(_fmt(o['error']))}, the original against "
+        f"itself on the perturbed input {esc(_fmt(o['sensitivity']))} "
+        f"({'explained' if o['explained'] else 'NOT explained'} within x{esc(_fmt(sensitivity['factor'], 'g'))})"
+        f"</li>" for o in sensitivity["parts"])
+    b = sensitivity.get("breakdown")
+    where = (f"<br>conditioning breaks down at <code>{esc(b['keras_layer'])}</code> in <b>{esc(b['block'])}</b> "
+             f"(#{esc(b['order'])}): the original itself moves by rel L2 {esc(_fmt(b['reference_sensitivity']))} "
+             f"there" if b else "")
+    rows = (f"<br>{esc(sensitivity['rows_over_tolerance'])} row(s) over the accumulated tolerance, "
+            f"{esc(sensitivity['rows_unexplained'])} not explained by the sensitivity")
+    return (f'<div class="fault amp"><b>Reference sensitivity</b> (input moved by '
+            f'{esc(sensitivity["perturbation"])}):<ul>{items}</ul>{where}{rows}</div>')
+
+
 def _card(key: str, value: str, detail: str = "", cls: str = "") -> str:
     return (f'<div class="card"><div class="k">{esc(key)}</div><div class="v {cls}">{esc(value)}</div>'
             f'<div class="d">{esc(detail)}</div></div>')
@@ -781,6 +830,7 @@ def render_html(result, data: dict | None = None) -> str:
     mapping = mapping_rows(result.entries or [])
     towers_of_entries = [_entry_tower(e) for e in (result.entries or [])]
     verdict_word = data["verdict"]
+    shown = data.get("verdict_text") or verdict_word
     out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{esc(verdict_word.upper())} · {esc(title)} · {esc(data['checkpoint'])}</title>",
@@ -794,8 +844,9 @@ def render_html(result, data: dict | None = None) -> str:
     reasons = "".join(f"<li>{esc(r)}</li>" for r in data["verdict_reasons"])
     detail = (f"{data['layers']} layers compared: {counts['ok']} ok, {counts['amplified']} amplified, "
               f"{counts['diverged']} diverged, {counts['unpaired']} unpaired" if data["layers"] else "no layer trace")
-    out.append(f'<div class="verdict {esc(verdict_word)}"><div class="word">{esc(verdict_word.upper())}</div>'
+    out.append(f'<div class="verdict {esc(verdict_word)}"><div class="word">{esc(shown.upper())}</div>'
                f'<div><div>{esc(detail)}</div>{f"<ul>{reasons}</ul>" if reasons else ""}</div></div>')
+    out.append(_sensitivity_box(data.get("sensitivity")))
     # cards
     cards = [_card(*card) for card in result.parity.cards(data)]
     cov = data["coverage"]

@@ -31,6 +31,7 @@ class Run:
     part_titles: dict = field(default_factory=dict)
     report: Path | None = None
     tolerances: Tolerances = FLOAT32  # the thresholds the rows were judged by (the run's precision's)
+    sensitivity: object = None  # `sensitivity.Sensitivity`: measured when an output missed and no layer is off
 
     # what `report` reads
     @property
@@ -65,12 +66,13 @@ class Run:
 
     @property
     def verdict(self) -> str:
-        """`match`, `diverged` (a layer or an output is off), or `incomplete` (all matches, but the mapping leaves
-        weights out)."""
+        """`match`, `ill-conditioned` (outputs off by what the original model itself moves by under round-off, no
+        layer off: `sensitivity.rule`), `diverged` (a layer or an output is off), or `incomplete` (all matches,
+        but the mapping leaves weights out)."""
         from tracer.engine.report import verdict
 
-        word, _ = verdict(self.rows, self.outputs)
-        return "incomplete" if word == "match" and self.gaps else word
+        word, _ = verdict(self.rows, self.outputs, self.sensitivity)
+        return "incomplete" if word in ("match", "ill-conditioned") and self.gaps else word
 
     @property
     def layers(self) -> pd.DataFrame:
@@ -99,10 +101,11 @@ class Run:
 
     @property
     def summary(self) -> dict:
-        from tracer.engine.report import summary
+        from tracer.engine.report import summary, verdict_text
 
         data = summary(self, "")
         data["verdict"] = self.verdict
+        data["verdict_text"] = verdict_text(self.verdict)
         data["verdict_reasons"] = data["verdict_reasons"] + self.gaps
         data["preprocessing_weights"] = self.preprocessing
         return data

@@ -75,6 +75,23 @@ class LocalKeras:
 
         return record_keras(self.reference, chunk, sink=sink, towers=(tower,))
 
+    def sensitivity(self, tower: str, chunk: Inputs, orders: Iterable[int]):
+        """The reference's own sensitivity on `chunk` (`engine.sensitivity`): `tower` run once on the chunk and
+        its round-off-perturbed copy as one batch, each of the `orders`' records compared half to half as it is
+        made (nothing of a layer outlives it). Returns ({order: Sums}, the perturbed half of the tower's output),
+        or None for the text tower (token ids have no round-off to perturb)."""
+        from dataclasses import replace
+
+        from tracer.engine.sensitivity import Meter, doubled
+        from tracer.families.align.record import record_keras
+
+        if tower != "vision":
+            return None
+        meter = Meter(orders, chunk.num_images)
+        twice = replace(chunk, pixel_values_nhwc=doubled(chunk.pixel_values_nhwc), reference={})
+        record_keras(self.reference, twice, sink=meter, towers=(tower,))
+        return meter.sums, np.array(meter.last[1])
+
     def release(self, tower: str) -> None:
         self.reference.release(tower)  # the caller trims its process's heap
 
@@ -172,6 +189,10 @@ class KerasProcess:
         except BaseException:
             self._broken = True  # the worker is mid-run: its next message would answer nothing asked
             raise
+
+    def sensitivity(self, tower: str, chunk: Inputs, orders: Iterable[int]):
+        """`LocalKeras.sensitivity`, run in the worker (only the sums and the output come back)."""
+        return self._request(("sensitivity", (tower, chunk, sorted(set(orders)))), "sensitivity")
 
     def release(self, tower: str) -> None:
         """Drop the tower in the worker, and the ring with it (the next tower's activations are of another size)."""
@@ -455,6 +476,8 @@ def _serve(conn, checkpoint_path: str, image_size: int, seq_length: int, float64
                 conn.send(("probe", worker.probe(payload)))
             elif kind == "run":
                 worker.run(*payload)
+            elif kind == "sensitivity":
+                conn.send(("sensitivity", worker.local.sensitivity(*payload)))
             elif kind == "release":
                 worker.release(payload)
             elif kind == "freed":  # the parent freed the last run's last spans after it ended

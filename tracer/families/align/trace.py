@@ -6,7 +6,8 @@ towers' call order on that probe gives the pairs (`pairing`), hence the mapping 
 towers run on the real inputs side by side (`lockstep`), in chunks of examples that keep activation memory within
 the budget, and only each layer's sums (`compare.Measured`) are kept. The Keras tower is released before the next
 one is built. Arrays are kept only where the diagnosis needs them, from a second, one-example pass that runs only
-when something diverged.
+when something diverged. Where a tower's output or rows miss their tolerance with no layer diverged, the Keras
+side measures its own sensitivity to round-off (`engine.sensitivity`) while the tower is still built.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from tracer.memory import trim
 from tracer.engine.pairing import Pair, pair_records
 from tracer.progress import progress, stage
 from tracer.engine.record import Record
+from tracer.engine import sensitivity as conditioning
+from tracer.engine.sensitivity import Sensitivity
 from tracer.families.align.towers import FEATURES, TOWERS, largest_output, tower_of
 from tracer.engine.numeric import rest_to_copy
 from tracer.engine.transfer import Coverage, coverage_of, transfer
@@ -40,6 +43,8 @@ class Traced:
     hf_out: dict | None = None
     pairs: list = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
+    parts: list = field(default_factory=list)  # per tower, its output's `sensitivity.PartSensitivity`
+    sensitivity: Sensitivity | None = None  # measured when an output or a row missed and no layer diverged
 
 
 WORKING_SET = 8  # arrays of a layer's size alive at once while a pair is compared (both sides, inputs, re-run, diff)
@@ -71,7 +76,7 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
     float64 = getattr(options, "float64", False)
     keras = keras or LocalKeras(spec, checkpoint.read, float64)
     writer = hf_side.StateWriter(hf_model)
-    chosen, conflicts, unmapped, pairs, rows = [], [], [], [], []
+    chosen, conflicts, unmapped, pairs, rows, parts = [], [], [], [], [], []
     features: dict[str, dict] = {"keras": {}, "hf": {}}
     for tower in TOWERS:
         t = _trace_tower(tower, keras, checkpoint.read, writer, shapes, spec, table, mode, hf_model, inputs,
@@ -83,6 +88,7 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
             return Traced(WeightMap(chosen), conflicts, unmapped)
         pairs += t.pairs
         rows += t.rows
+        parts += t.parts
         features["keras"].update(t.keras_out)
         features["hf"].update(t.hf_out)
         if not keep_activations:
@@ -102,8 +108,10 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
         transfer(checkpoint.read, list(rest), left, writer, allow_nonfinite=True)
         coverage = coverage_of(writer, weight_map.entries, len(shapes))
     mark_mismatches(weight_map.entries, rows)
+    measured = any(p.sensitivity == p.sensitivity for p in parts)
+    sensitivity = Sensitivity(parts, conditioning.breakdown(rows)) if measured else None
     return Traced(weight_map, conflicts, [], coverage, with_embeds(features["keras"]), with_embeds(features["hf"]),
-                  pairs, rows)
+                  pairs, rows, parts, sensitivity)
 
 
 def _probe_hf(hf_model, writer, tower, spec, float64: bool = False) -> list[Record]:
@@ -198,6 +206,18 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
     features = {side: np.concatenate(v) for side, v in outputs.items()}
     embeds = {side: with_embeds({name: f})[name.replace("features", "embeds")] for side, f in features.items()}
     off = not max_abs(embeds["keras"], embeds["hf"]) <= tolerances.embeds_max_abs  # where its error enters is worth a hint
+    embeds_name = name.replace("features", "embeds")
+    part = conditioning.PartSensitivity(embeds_name, max_abs(embeds["keras"], embeds["hf"]), float("nan"),
+                                        tolerances.embeds_max_abs, tower)
+    conditioning.annotate(rows, {})
+    if conditioning.wanted(rows, off):
+        with stage(f"reference sensitivity {tower}", timings):
+            sums, perturbed = _sensitivity(keras, tower, inputs, paired, max(1, step // 2))
+        if sums is not None:
+            conditioning.annotate(rows, sums)
+            perturbed = with_embeds({name: perturbed})[embeds_name]
+            part = conditioning.part(embeds_name, embeds["keras"], embeds["hf"], perturbed, tolerances.embeds_max_abs,
+                                     tower)
     if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
         with stage(f"capture {tower} for diagnosis", timings):
             needed = needed_for_diagnosis(rows, tower_pairs, off)
@@ -209,8 +229,8 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
         for record in keras_records:
             if record.order not in needed["keras"]:
                 record.layer = None
-    return Traced(weight_map, conflicts, [], None, {name: features["keras"]}, {name: features["hf"]}, tower_pairs,
-                  rows)
+    return Traced(weight_map, conflicts, [], None, {name: features["keras"]}, {name: features["hf"]}, tower_pairs, rows,
+                  [part])
 
 
 def _by_numbers(keras, tower, inputs, pairs, inference, table, mode, read):
@@ -231,6 +251,24 @@ def _by_numbers(keras, tower, inputs, pairs, inference, table, mode, read):
     weight_map, conflicts, _ = by_numbers(pairs, inference, table, mode, read, run_keras, lambda: float("inf"))
     take_winners(weight_map, inference, mode)
     return weight_map, conflicts
+
+
+def _sensitivity(keras, tower, inputs, paired, step):
+    """The reference's own sensitivity at the `paired` layers over every example of `tower`, in chunks of `step`
+    (half the comparison's: each runs twice, as one batch): ({(tower, Keras layer path): Sums}, the perturbed
+    Keras output), or (None, None) where the tower's input has no round-off (`LocalKeras.sensitivity`)."""
+    path_of = {p.keras.order: p.keras.path for p in paired}
+    sums: dict = {}
+    ends: list = []
+    for start in range(0, inputs.count(tower), step):
+        part = slice(start, start + step)
+        chunk = inputs.select(part, slice(None)) if tower == "vision" else inputs.select(slice(None), part)
+        answer = keras.sensitivity(tower, chunk, path_of)
+        if answer is None:
+            return None, None
+        conditioning.merge(sums, answer[0])
+        ends.append(answer[1])
+    return {(tower, path_of[o]): s for o, s in sums.items()}, np.concatenate(ends)
 
 
 def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_probe, measured, keep=False,
