@@ -96,8 +96,9 @@ def convert_family(options, family: Family) -> FamilyResult:
         example = family.example(spec, processor, options)
     with stage("build HF model", timings):
         hf_model = family.build_hf(spec, options)
-    with stage("build Keras reference", timings):
-        reference = family.keras_reference(spec, read)
+    # A trace records the tf_keras model; a plain run compares outputs only, against `plain_reference`.
+    with stage("build Keras reference" if options.trace else "build reference", timings):
+        reference = (family.keras_reference if options.trace else family.plain_reference)(spec, read)
         unused = [n for n in keras_shapes if n not in set(reference.consumed)]
         if unused:
             raise ConversionError(f"{len(unused)} checkpoint weight(s) the {family.name} reference model does not "
