@@ -39,7 +39,7 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b (batched over leading axes) in float32, by torch's matmul on the same memory."""
     import torch
 
-    return torch.matmul(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
+    return torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()  # strided views, no copies
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
