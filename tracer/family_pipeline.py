@@ -113,7 +113,7 @@ def convert_family(options, family: Family) -> FamilyResult:
         materialize_uninitialized(hf_model)
         # `auto` fills the table's gaps by inference; a table without gaps is applied as given (inference still
         # confirms each entry, the trace compares every layer) and skips the numeric tie-breaks between sibling
-        # layers that only gap-filling needs (BERT-Base: 72 extra sub-model runs, about 3 s).
+        # layers that only gap-filling needs (BERT-Base: 72 extra sub-model runs).
         fill_gaps = mode == "auto" and (table is None or bool(table.unmatched))
         with stage("trace", timings):
             run = tracer.api.trace(reference.model, hf_model, example.keras, torch_inputs=example.torch,
