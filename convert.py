@@ -33,11 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hub_repo_id", default=None, help="repository for --push_to_hub (default: the dump folder name)")
     p.add_argument("--model_type", choices=["align", "efficientnet", "bert"], default=None,
                    help="the checkpoint's family (default: detected from its weights)")
-    p.add_argument("--demo", nargs="?", const="base", choices=["base", "small", "tiny", "efficientnet", "bert"],
-                   default=None,
+    p.add_argument("--demo", nargs="?", const="base",
+                   choices=["base", "small", "tiny", "efficientnet", "bert", "bert-base"], default=None,
                    help="write a synthetic original-style checkpoint and convert it: an ALIGN of this size (default "
-                        "base), a keras.applications EfficientNetB0 (efficientnet), or the trained MiniLM as a "
-                        "google-research BERT checkpoint (bert)")
+                        "base), a keras.applications EfficientNetB0 (efficientnet), the trained MiniLM as a "
+                        "google-research BERT checkpoint (bert), or a random BERT-Base with the pre-training heads "
+                        "written the same way (bert-base)")
     p.add_argument("--demo_dir", default=None, help="where --demo writes its checkpoint (default demo/<size>)")
     p.add_argument("--image", action="append", default=[], dest="images", metavar="PATH",
                    help="an image to compare on (repeatable)")
@@ -160,11 +161,11 @@ def _run(args: argparse.Namespace) -> int:
             args.checkpoint_path = args.checkpoint_path or "./weights/model-weights"
             resolve_path(args.checkpoint_path)
 
-        if args.demo in ("efficientnet", "bert"):
+        if args.demo in ("efficientnet", "bert", "bert-base"):
             from tracer.families.registry import ensure_demo
 
             args.checkpoint_path = str(ensure_demo(args.demo, args.demo_dir))
-            args.model_type = args.demo
+            args.model_type = args.demo.split("-")[0]
         elif args.demo:
             from tracer.families.align.demo import ensure_demo_checkpoint
 

@@ -97,6 +97,35 @@ def test_bert_tf1_with_heads_traced_saved_and_reloaded(checkpoints, tmp_path):
             "cls.seq_relationship"} <= blocks, blocks
 
 
+def test_bert_base_demo_is_wired_through_its_writer(tmp_path, monkeypatch, capsys):
+    """`--demo bert-base` end to end at a reduced size (BASE_SIZES patched; the real vocabulary kept): the writer's
+    google-research checkpoint with Adam slots and global_step, traced, saved and reloaded."""
+    from transformers import AutoModelForPreTraining, AutoTokenizer
+
+    monkeypatch.setattr(writers, "BASE_SIZES", {**writers.BASE_SIZES, **SMALL, "vocab_size": 30522})
+    demo, out = tmp_path / "demo", tmp_path / "hf"
+    assert run("--demo", "bert-base", "--demo_dir", demo, "--trace", "--report_dir", tmp_path / "report",
+               "--save_model", "--pytorch_dump_folder_path", out) == 0
+    printed = capsys.readouterr().out
+    weights = len(writers.weight_shapes(writers.base_spec(**{**SMALL, "vocab_size": 30522})))
+    # every weight used; its two Adam slots and global_step set aside
+    assert f"{weights}/{weights} checkpoint weights used" in printed, printed
+    assert f"{2 * weights + 1} optimizer/metric variables set aside" in printed, printed
+    assert json.loads((demo / "bert_config.json").read_text())["num_hidden_layers"] == SMALL["num_layers"]
+    model = AutoModelForPreTraining.from_pretrained(out)
+    assert type(model).__name__ == "BertForPreTraining" and model.config.vocab_size == 30522
+    assert AutoTokenizer.from_pretrained(out).tokenize("Hello world") == ["hello", "world"]  # MiniLM's uncased
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["verdict"] == "match"
+
+
+def test_bert_base_demo_h5_variant(tmp_path):
+    """The benchmark's tf_model.h5 of the same model (transformers 4's TFBertForPreTraining layout) converts."""
+    path = writers.write_base_demo(tmp_path / "h5", "h5", **SMALL)
+    assert path.name == "tf_model.h5"
+    assert json.loads((tmp_path / "h5" / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
+    assert run("--checkpoint_path", path) == 0
+
+
 def test_bert_h5_task_head_keeps_its_labels(checkpoints, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

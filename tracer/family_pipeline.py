@@ -106,8 +106,10 @@ def convert_family(options, family: Family) -> FamilyResult:
         hf_model = family.build_hf(spec, options)
         if options.float64:  # the weights arrive cast to float64
             hf_model = to_float64(hf_model)
-    with stage("build Keras reference", timings), keras_floatx(options.float64):
-        reference = family.keras_reference(spec, read)
+    # A trace records the tf_keras model; a plain run compares outputs only, against `plain_reference`.
+    with stage("build Keras reference" if options.trace else "build reference", timings), \
+            keras_floatx(options.float64):
+        reference = (family.keras_reference if options.trace else family.plain_reference)(spec, read)
         unused = [n for n in keras_shapes if n not in set(reference.consumed)]
         if unused:
             raise ConversionError(f"{len(unused)} checkpoint weight(s) the {family.name} reference model does not "

