@@ -35,6 +35,17 @@ def test_table_is_confirmed_by_the_tracer(table_run):
     assert {r["status"] for r in result.rows} == {"ok"}
 
 
+def test_each_mapping_entry_is_filed_under_its_tower(table_run):
+    """The report's per-tower mapping tables read `Entry.part`: every tower weight carries its tower."""
+    from tracer.families.align.towers import tower_of
+
+    result, _ = table_run
+    assert all(e.part == (tower_of(e.parameter) or "") for e in result.entries)
+    page = (result.report / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Other weights</h2>" in page  # the temperature belongs to no tower
+    assert page.count("<summary>Mapping: ") == 3
+
+
 def test_pairs_containers_and_fused_activations(table_run):
     result, _ = table_run
     pairs = {(r["keras_layer"].rsplit("/", 1)[-1], r["hf_module"]) for r in result.rows}

@@ -81,6 +81,8 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
     for tower in TOWERS:
         t = _trace_tower(tower, keras, checkpoint.read, writer, shapes, spec, table, mode, hf_model, inputs,
                          options, timings, keep_activations)
+        for e in t.weight_map.entries:  # the report files each entry under its tower
+            e.part = tower
         chosen += t.weight_map.entries
         conflicts += t.conflicts
         unmapped += t.unmapped
