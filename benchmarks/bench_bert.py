@@ -71,21 +71,11 @@ def _phase(timings: dict, name: str, start: float) -> float:
     return now
 
 
-def old_tf1(checkpoint: str, inputs: str, out: str) -> dict:
-    """transformers 4's TF1 procedure (`convert_bert_original_tf_checkpoint_to_pytorch.py`'s steps)."""
-    timings: dict = {}
-    t = time.perf_counter()
+def _forward_and_save(model, inputs: str, out: str, timings: dict, t: float) -> dict:
+    """The old procedures' common end: one forward on the inputs, `save_pretrained`, what they report."""
     import torch
     import transformers
-    from transformers import BertConfig, BertForPreTraining
-    from transformers.models.bert.modeling_bert import load_tf_weights_in_bert
 
-    t = _phase(timings, "imports", t)
-    config = BertConfig.from_json_file(str(Path(checkpoint).parent / "bert_config.json"))
-    model = BertForPreTraining(config)
-    t = _phase(timings, "build (random init)", t)
-    load_tf_weights_in_bert(model, config, checkpoint)  # imports TensorFlow
-    t = _phase(timings, "load_tf_weights_in_bert", t)
     model.eval()
     with torch.no_grad():
         hidden = model.bert(**_inputs(inputs)).last_hidden_state
@@ -96,12 +86,26 @@ def old_tf1(checkpoint: str, inputs: str, out: str) -> dict:
             "last_hidden_state_abs_mean": float(hidden.abs().mean())}
 
 
+def old_tf1(checkpoint: str, inputs: str, out: str) -> dict:
+    """transformers 4's TF1 procedure (`convert_bert_original_tf_checkpoint_to_pytorch.py`'s steps)."""
+    timings: dict = {}
+    t = time.perf_counter()
+    from transformers import BertConfig, BertForPreTraining
+    from transformers.models.bert.modeling_bert import load_tf_weights_in_bert
+
+    t = _phase(timings, "imports", t)
+    config = BertConfig.from_json_file(str(Path(checkpoint).parent / "bert_config.json"))
+    model = BertForPreTraining(config)
+    t = _phase(timings, "build (random init)", t)
+    load_tf_weights_in_bert(model, config, checkpoint)  # imports TensorFlow
+    t = _phase(timings, "load_tf_weights_in_bert", t)
+    return _forward_and_save(model, inputs, out, timings, t)
+
+
 def old_h5(checkpoint: str, inputs: str, out: str) -> dict:
     """transformers 4's TF2 procedure into a model on real storage: `load_tf2_checkpoint_in_pytorch_model`."""
     timings: dict = {}
     t = time.perf_counter()
-    import torch
-    import transformers
     from transformers import BertConfig, BertForPreTraining
     from transformers.modeling_tf_pytorch_utils import (
         load_tf2_checkpoint_in_pytorch_model,
@@ -113,14 +117,7 @@ def old_h5(checkpoint: str, inputs: str, out: str) -> dict:
     t = _phase(timings, "build (random init)", t)
     load_tf2_checkpoint_in_pytorch_model(model, checkpoint)  # builds TFBertForPreTraining, load_weights, copies
     t = _phase(timings, "load_tf2_checkpoint_in_pytorch_model", t)
-    model.eval()
-    with torch.no_grad():
-        hidden = model.bert(**_inputs(inputs)).last_hidden_state
-    t = _phase(timings, "forward", t)
-    model.save_pretrained(out)
-    _phase(timings, "save", t)
-    return {"transformers": transformers.__version__, "torch": torch.__version__, "timings": timings,
-            "last_hidden_state_abs_mean": float(hidden.abs().mean())}
+    return _forward_and_save(model, inputs, out, timings, t)
 
 
 def old_from_tf(checkpoint: str, inputs: str, out: str) -> dict:
