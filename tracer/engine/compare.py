@@ -12,6 +12,14 @@ import numpy as np
 DEFAULT_ATOL = 1e-3  # the original converter's tolerance on L2-normalised embeddings
 
 
+def as_float(value) -> float:
+    """A row's cell as a float (NaN where it holds none: '', None, text)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 
@@ -117,6 +125,16 @@ class Sums:
                     high = float(np.maximum.reduce(d))
                     # NaN anywhere makes every metric NaN (Python's max would silently drop it).
                     sums.max_abs = high if high != high else max(sums.max_abs, high)
+
+    def merge(self, other: "Sums") -> "Sums":
+        """Add another chunk's sums (the chunks' examples add up as one pass over all of them gives)."""
+        self.n += other.n
+        self.d2 += other.d2
+        self.r2 += other.r2
+        self.rd += other.rd
+        self.abs_sum += other.abs_sum
+        self.max_abs = other.max_abs if other.max_abs != other.max_abs else max(self.max_abs, other.max_abs)
+        return self
 
     def result(self) -> Divergence:
         if self.n == 0:

@@ -168,11 +168,7 @@ def default_run_name(checkpoint_path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
+_float = compare.as_float
 
 
 def _finite(value) -> bool:

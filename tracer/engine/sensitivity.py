@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tracer.engine.compare import ACCUMULATED_REL_L2, Sums, max_abs
+from tracer.engine.compare import ACCUMULATED_REL_L2, Sums, as_float, max_abs
 
 SEED = 0
 # "Of the same size": the port's error at most this many times the reference's own under a one-ulp input change.
@@ -83,13 +83,7 @@ class Meter:
 def merge(into: dict[str, Sums], more: dict[str, Sums]) -> dict[str, Sums]:
     """Add one chunk's per-path sums to the run's (the chunks' examples add up as one pass over all gives)."""
     for path, s in more.items():
-        t = into.setdefault(path, Sums())
-        t.n += s.n
-        t.d2 += s.d2
-        t.r2 += s.r2
-        t.rd += s.rd
-        t.abs_sum += s.abs_sum
-        t.max_abs = s.max_abs if s.max_abs != s.max_abs else max(t.max_abs, s.max_abs)
+        into.setdefault(path, Sums()).merge(s)
     return into
 
 
@@ -116,11 +110,11 @@ def explained(error: float, sensitivity: float) -> bool:
 
 
 def row_explained(row: dict) -> bool:
-    return explained(_float(row.get("rel_l2")), _float(row.get("reference_sensitivity")))
+    return explained(as_float(row.get("rel_l2")), as_float(row.get("reference_sensitivity")))
 
 
 def over_tolerance(row: dict) -> bool:
-    return not _float(row.get("rel_l2")) <= ACCUMULATED_REL_L2  # NaN is over
+    return not as_float(row.get("rel_l2")) <= ACCUMULATED_REL_L2  # NaN is over
 
 
 def wanted(rows: list[dict], off: bool) -> bool:
@@ -164,7 +158,7 @@ def part(name: str, keras: np.ndarray, hf: np.ndarray, perturbed: np.ndarray, to
 def breakdown(rows: list[dict]) -> dict | None:
     """Where the conditioning breaks down: the first row where the reference itself moves by more than the
     accumulated tolerance under round-off of its input."""
-    row = next((r for r in rows if _float(r.get("reference_sensitivity")) > ACCUMULATED_REL_L2), None)
+    row = next((r for r in rows if as_float(r.get("reference_sensitivity")) > ACCUMULATED_REL_L2), None)
     return _where(row) if row is not None else None
 
 
@@ -190,7 +184,7 @@ class Sensitivity:
                "perturbation": self.perturbation}
         if rows is not None:
             left = self.unexplained(rows)
-            out["rows_measured"] = sum(math.isfinite(_float(r.get("reference_sensitivity"))) for r in rows)
+            out["rows_measured"] = sum(math.isfinite(as_float(r.get("reference_sensitivity"))) for r in rows)
             out["rows_over_tolerance"] = sum(over_tolerance(r) for r in rows)
             out["rows_unexplained"] = len(left)
             out["first_unexplained"] = _where(left[0]) if left else None
@@ -225,20 +219,13 @@ def amplified_hint(row: dict) -> str | None:
     """The hint of an amplified row the reference's sensitivity explains, or None."""
     if row.get("status") != "amplified" or not row_explained(row):
         return None
-    return (f"[amplified] amplified round-off: the original model itself moves by rel_l2 "
-            f"{_float(row['reference_sensitivity']):.2e} (max|Δ| {_float(row['reference_sensitivity_max_abs']):.2e}) "
-            f"here under round-off of its input; the port's accumulated rel_l2 {_float(row['rel_l2']):.2e} is of "
-            f"that size")
+    moves, moves_abs = as_float(row["reference_sensitivity"]), as_float(row["reference_sensitivity_max_abs"])
+    return (f"[amplified] amplified round-off: the original model itself moves by rel_l2 {moves:.2e} (max|Δ| "
+            f"{moves_abs:.2e}) here under round-off of its input; the port's accumulated rel_l2 "
+            f"{as_float(row['rel_l2']):.2e} is of that size")
 
 
 def _where(row: dict) -> dict:
     keys = ("tower", "order", "block", "keras_layer", "hf_module", "rel_l2", "max_abs", "reference_sensitivity",
             "reference_sensitivity_max_abs")
     return {k: row.get(k) for k in keys}
-
-
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
