@@ -52,11 +52,7 @@ def _leaves(tree) -> list[np.ndarray]:
 
 
 def _select(tree, part: slice):
-    if isinstance(tree, dict):
-        return {k: _select(v, part) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_select(v, part) for v in tree)
-    return tree[part]
+    return _map_leaves(lambda a: a[part], tree)
 
 
 def _batch(tree, what: str) -> int:
@@ -66,13 +62,18 @@ def _batch(tree, what: str) -> int:
     return sizes.pop()
 
 
+def _map_leaves(fn, tree):
+    """`fn` on every array of an input tree (dict, list, tuple), the tree's shape kept."""
+    if isinstance(tree, dict):
+        return {k: _map_leaves(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_leaves(fn, v) for v in tree)
+    return fn(tree)
+
+
 def _as_float64(tree):
     """Float arrays as float64 (a float64 run), the rest as they are."""
-    if isinstance(tree, dict):
-        return {k: _as_float64(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_as_float64(v) for v in tree)
-    return tree.astype(np.float64) if tree.dtype.kind == "f" else tree
+    return _map_leaves(lambda a: a.astype(np.float64) if a.dtype.kind == "f" else a, tree)
 
 
 def torch_inputs_from_keras(tree):
@@ -293,12 +294,13 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         inference = infer_mapping(pairs, shapes, torch_shapes)
         table = _table(mapping, shapes, torch_shapes)
         mode = "infer" if table is None else "auto" if fill_gaps else "table"
-        weight_map, conflicts = reconcile(table, inference, mode)
         if copy_weights:
             read = {n: (lambda v=v: np.asarray(v.numpy())) for n, v in variables.items()}
             weight_map, conflicts = _copy_by_numbers(
                 keras_model, torch_model, _select(keras_in, slice(0, 1)), _select(torch_in, slice(0, 1)), pairs,
                 inference, table, mode, lambda name: read[name]())
+        else:
+            weight_map, conflicts = reconcile(table, inference, mode)
         for e in weight_map.entries:
             e.part = "model"
         mapped = {e.variable for e in weight_map.entries}
@@ -382,14 +384,6 @@ def _reference_sensitivity(keras_model, keras_in, paired, rows, outputs, keras_o
     return conditioning.Sensitivity(parts, conditioning.breakdown(rows))
 
 
-def _map_leaves(fn, tree):
-    if isinstance(tree, dict):
-        return {k: _map_leaves(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_leaves(fn, v) for v in tree)
-    return fn(tree)
-
-
 def _copy_by_numbers(keras_model, torch_model, keras_example, torch_example, pairs: list[Pair], inference,
                      table, mode: str, read: Callable[[str], np.ndarray]):
     """Copy the weights, numbers deciding where the mapping is in doubt. The tracer's own mapping is copied first;
@@ -436,7 +430,7 @@ def _copy_by_numbers(keras_model, torch_model, keras_example, torch_example, pai
     take_winners(weight_map, inference, mode)
     transfer(read, [], WeightMap(rest_to_copy(weight_map, inference)), writer, allow_nonfinite=True, target=target)
     if kept:
-        writer.write({n: t for n, t in kept.items()})
+        writer.write(kept)
     return weight_map, conflicts
 
 
