@@ -10,8 +10,10 @@ float64 model that alone leaves ~5e-8 of float32 round-off in every attention la
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ATTENTION = "tracer_float64_eager"
 
@@ -19,6 +21,8 @@ ATTENTION = "tracer_float64_eager"
 def _eager_attention_float64(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
                              **kwargs):
     """transformers' `eager_attention_forward`, its softmax in the query's dtype."""
+    import torch  # here, so that the Keras worker can import this module without torch
+
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask
@@ -40,15 +44,20 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
-def to_float64(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` in double (also on the meta device: the weights then arrive cast), its eager attention in float64."""
-    model = model.double()
+def _configs(model: torch.nn.Module) -> list:
+    """Every config the model's modules hold, with their text/vision sub-configs (ALIGN), each once."""
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
     for config in list(configs.values()):
         for sub in (getattr(config, name, None) for name in ("text_config", "vision_config")):
             if sub is not None:
                 configs[id(sub)] = sub
-    eager = [c for c in configs.values() if getattr(c, "_attn_implementation", None) in (None, "eager")]
+    return list(configs.values())
+
+
+def to_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in double (also on the meta device: the weights then arrive cast), its eager attention in float64."""
+    model = model.double()
+    eager = [c for c in _configs(model) if getattr(c, "_attn_implementation", None) in (None, "eager")]
     if eager:
         _register()
         for config in eager:
@@ -59,29 +68,33 @@ def to_float64(model: torch.nn.Module) -> torch.nn.Module:
 def to_float32(model: torch.nn.Module) -> torch.nn.Module:
     """Back to the checkpoint's float32 and transformers' own eager attention (what is saved)."""
     model = model.float()
-    for m in model.modules():
-        config = getattr(m, "config", None)
-        for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
-            if c is not None and getattr(c, "_attn_implementation", None) == ATTENTION:
-                c._attn_implementation = "eager"
+    for config in _configs(model):
+        if getattr(config, "_attn_implementation", None) == ATTENTION:
+            config._attn_implementation = "eager"
     return model
 
 
 @contextmanager
-def keras_floatx(float64: bool):
-    """Keras layers made inside take float64 as their dtype (with `float64`; else nothing changes); the process's
-    own setting is restored afterwards."""
-    if not float64:
-        yield
-        return
+def keras_dtype(name: str):
+    """Keras layers made inside take `name` as their dtype; the process's own setting is restored afterwards."""
     import tf_keras
 
     before = tf_keras.backend.floatx()
-    tf_keras.backend.set_floatx("float64")
+    tf_keras.backend.set_floatx(name)
     try:
         yield
     finally:
         tf_keras.backend.set_floatx(before)
+
+
+@contextmanager
+def keras_floatx(float64: bool):
+    """`keras_dtype('float64')` with `float64`; else nothing changes."""
+    if not float64:
+        yield
+        return
+    with keras_dtype("float64"):
+        yield
 
 
 def keras_float64(model):

@@ -33,6 +33,7 @@ import tensorflow as tf
 import tf_keras
 
 from tracer.errors import BadInputError, ConversionError
+from tracer.engine.precision import keras_dtype
 from tracer.engine.record.keras import Hook, HookSlot, intercept
 from tracer.families.align.towers import PROBE_IMAGE_SIZE, TOWERS
 from tracer.families.align.spec import AlignSpec
@@ -249,16 +250,10 @@ class EagerReference:
             ids = np.zeros((1, self.spec.text.seq_length), np.int32)
             self.text_features(ids, np.ones_like(ids), ids)
 
-    @contextmanager
     def _floatx(self):
         """Keras' default float type is this reference's while its layers are built and run (layers take their
-        dtype from it when made); the process's own setting is restored afterwards."""
-        before = tf_keras.backend.floatx()
-        tf_keras.backend.set_floatx(self.dtype.name)
-        try:
-            yield
-        finally:
-            tf_keras.backend.set_floatx(before)
+        dtype from it when made)."""
+        return keras_dtype(self.dtype.name)
 
     @contextmanager
     def _run(self, tower: str, hook: Hook | None):
