@@ -51,6 +51,13 @@ def test_the_float64_set_is_tighter_and_the_run_picks_it():
 
 def test_float64_needs_trace(tiny_bundle, tmp_path):
     assert run("--checkpoint_path", tiny_bundle / "model-weights", "--float64") == 2
+    from tracer.errors import BadInputError
+    from tracer.output import preflight
+    from tracer.pipeline import ConvertOptions
+
+    with pytest.raises(BadInputError, match="add --trace"):  # the check every pipeline's preflight makes
+        preflight(ConvertOptions(float64=True))
+    preflight(ConvertOptions(float64=True, trace=True, report_dir=str(tmp_path / "r")))
 
 
 # ------------------------------------------------------------------------------------------------ generic pair

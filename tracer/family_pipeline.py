@@ -66,8 +66,6 @@ def convert_family(options, family: Family) -> FamilyResult:
     preflight(options)
     if options.hf_config:
         raise BadInputError(f"--hf_config is not supported for {family.name} checkpoints yet: drop it")
-    if options.float64 and not options.trace:
-        raise BadInputError("--float64 runs both models in float64 to compare them layer by layer: add --trace")
     if options.float64 and not family.float64:
         raise BadInputError(f"--float64 is not supported for {family.name} checkpoints yet (its processor gives the "
                             "HF side float32 inputs): drop it")

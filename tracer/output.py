@@ -159,10 +159,12 @@ def write_file_atomically(destination: str | os.PathLike, write: Callable[[Path]
 
 
 def preflight(options) -> None:
-    """Every output check of a run, done before any heavy work (`options`: `ConvertOptions` or the CLI's
-    arguments): the model folder (with `save_model`/`push_to_hub`), the report folder (with `trace`) and the
+    """Every cheap check of a run, done before any heavy work (`options`: `ConvertOptions` or the CLI's
+    arguments): flags that need another (`float64` needs `trace`); the model folder (with `save_model`/`push_to_hub`), the report folder (with `trace`) and the
     mapping file (`mapping_out`) must be writable, and must not hold anything unless `overwrite`. Leftovers of
     interrupted runs beside them are cleaned first."""
+    if getattr(options, "float64", False) and not getattr(options, "trace", False):
+        raise BadInputError("--float64 runs both models in float64 to compare them layer by layer: add --trace")
     overwrite = bool(getattr(options, "overwrite", False))
     if getattr(options, "save_model", False) or getattr(options, "push_to_hub", False):
         dump = Path(options.pytorch_dump_folder_path)

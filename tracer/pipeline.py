@@ -189,8 +189,6 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
     before importing torch); by default in this process."""
     timings: dict[str, float] = {}
     mode = _mode(options)
-    if options.float64 and not options.trace:
-        raise BadInputError("--float64 runs both models in float64 to compare them layer by layer: add --trace")
     tolerances = Tolerances.for_run(options.float64, options.atol)
     atol = tolerances.embeds_max_abs
     preflight(options)  # output folders and files, before any heavy work
