@@ -206,6 +206,30 @@ def test_a_correct_conversion_gets_no_hint(good):
     assert all(r["hint"] == "" for r in rows)
 
 
+def test_a_failing_check_warns_and_the_others_still_hint(good, tmp_path, monkeypatch, caplog):
+    """A checker that raises costs only its own evidence: the run warns, and the fault is still named."""
+    import logging
+
+    from tracer.engine import diagnose as diagnose_module
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(diagnose_module, "CHECKERS", [diagnose_module.Checker("broken", broken), *CHECKERS])
+    monkeypatch.setattr(diagnose_module, "RUN_CHECKERS", [diagnose_module.Checker("broken_run", broken)])
+
+    def edit(entries):
+        entries[LAYER1 + "output/dense/kernel"].transform = "identity"
+
+    model, entries = with_mapping_file(good, tmp_path, edit)
+    with caplog.at_level(logging.WARNING, logger=diagnose_module.logger.name):
+        run = retrace(good, model, ("text",), entries=entries)
+    assert_located(run, "layer_._1", "transposed")
+    warned = caplog.text
+    assert "check broken_run (run) failed: boom" in warned
+    assert "check broken on text_model.encoder.layer.1.attention.output.dense failed: boom" in warned
+
+
 # ------------------------------------------------------------------------------------------------ 1. never written
 
 

@@ -944,6 +944,16 @@ def _diverged_inside(pair, done: list[tuple[dict, object]]):
     return None
 
 
+def _safely(check: Callable, name: str, where: str, *args) -> str | None:
+    """`check(*args)`'s evidence; a check that fails logs a warning and finds nothing (it must not cost the
+    report)."""
+    try:
+        return check(*args)
+    except Exception as exc:
+        logger.warning("diagnose: check %s%s failed: %s", name, where, exc)
+        return None
+
+
 def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None = None) -> list[str]:
     """Add a `hint` to the rows that diverge (and to where an off part's error enters); return run-level hints.
     `parity` answers `off(part)` (its outputs miss their tolerance); `block_of` is the rows' block function."""
@@ -952,11 +962,8 @@ def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None
     ctx = Context.build(pairs, rows, entries, parity, block_of)
     run_hints = []
     for c in RUN_CHECKERS:
-        try:
-            if evidence := c.check(ctx):
-                run_hints.append(f"[{c.name}] {evidence}")
-        except Exception as exc:  # a failed check must not cost the report
-            logger.warning("diagnose: run check %s failed: %s", c.name, exc)
+        if evidence := _safely(c.check, c.name, " (run)", ctx):
+            run_hints.append(f"[{c.name}] {evidence}")
     done: list[tuple[dict, object]] = []
     for row in _targets(ctx):
         pair = ctx.pair_of(row)
@@ -967,15 +974,9 @@ def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None
         elif pair is None:
             row["hint"] = f"[unexplained] local rel_l2 {_as_of(row)}: no recorded pair to re-run"
         else:
-            found = []
-            for c in CHECKERS:
-                try:
-                    evidence = c.check(pair, row, ctx)
-                except Exception as exc:  # a failed check must not cost the report
-                    logger.warning("diagnose: check %s on %s failed: %s", c.name, row["hf_module"], exc)
-                    evidence = None
-                if evidence:
-                    found.append(f"[{c.name}] {evidence}")
+            where = f" on {row['hf_module']}"
+            found = [f"[{c.name}] {evidence}" for c in CHECKERS
+                     if (evidence := _safely(c.check, c.name, where, pair, row, ctx))]
             row["hint"] = " | ".join(found) or _fallback(pair, row, ctx)
         done.append((row, pair))
     _sub_tolerance_activations(ctx)
@@ -990,10 +991,6 @@ def _sub_tolerance_activations(ctx: Context) -> None:
     activation must not pass because the pre-activations were small)."""
     for row in filter(suspect, ctx.rows):
         pair = ctx.pair_of(row)
-        try:
-            evidence = check_activation(pair, row, ctx) if pair is not None else None
-        except Exception as exc:  # a failed check must not cost the report
-            logger.warning("diagnose: check activation on %s failed: %s", row["hf_module"], exc)
-            evidence = None
-        if evidence:
+        if pair is not None and (evidence := _safely(check_activation, "activation", f" on {row['hf_module']}",
+                                                     pair, row, ctx)):
             row["status"], row["hint"] = "diverged", f"[activation] {evidence}"
