@@ -71,6 +71,24 @@ def test_rule_same_size_is_conditioning_far_above_is_a_fault():
     assert not conditioning.rule(diverged, same)  # a layer off on its own is a fault whatever the reference does
 
 
+def test_a_float64_run_judges_rows_by_its_own_accumulated_tolerance():
+    """A row at 1e-7 is round-off in float32 and far over float64's 1e-10: the run's tolerance decides whether
+    the reference is run again, where the conditioning breaks down and what counts as over tolerance."""
+    from tracer.engine.compare import FLOAT32, FLOAT64
+
+    rows = _rows([1e-12, 1e-7, 1e-7], [1e-12, 1e-9, 5e-5], status="ok")
+    assert not conditioning.wanted(rows, False, FLOAT32.accumulated_rel_l2)
+    assert conditioning.wanted(rows, False, FLOAT64.accumulated_rel_l2)
+    assert conditioning.breakdown(rows, FLOAT64.accumulated_rel_l2)["keras_layer"] == "k1"
+    assert conditioning.breakdown(rows, FLOAT32.accumulated_rel_l2) is None
+    part = conditioning.PartSensitivity("out", 1e-8, 1e-9, 1e-9)
+    for tolerances, over in ((FLOAT32, 0), (FLOAT64, 2)):
+        summary = conditioning.Sensitivity([part], accumulated=tolerances.accumulated_rel_l2).as_dict(rows)
+        assert summary["rows_over_tolerance"] == over
+    unexplained = conditioning.Sensitivity([part], accumulated=FLOAT64.accumulated_rel_l2).unexplained(rows)
+    assert [r["keras_layer"] for r in unexplained] == ["k1"]  # k1: 100x its reference; k2 within 10x
+
+
 def test_report_verdict_and_amplified_hint():
     from tracer.engine.report import verdict
 

@@ -335,9 +335,9 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
         outputs = compare_outputs(keras_outputs, keep(_concat(torch_out)), tolerances)
         timings["trace and compare"] = time.perf_counter() - started - sum(timings.values())
         sensitivity = None
-        if conditioning.wanted(rows, not outputs.ok):
+        if conditioning.wanted(rows, not outputs.ok, tol.accumulated_rel_l2):
             sensitivity = _reference_sensitivity(keras_model, keras_in, paired, rows, outputs, keras_outputs, keep,
-                                                 max(1, step // 2))
+                                                 max(1, step // 2), tol.accumulated_rel_l2)
             timings["reference sensitivity"] = time.perf_counter() - started - sum(timings.values())
 
         hints: list[str] = []
@@ -360,7 +360,8 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
                tolerances=tol, sensitivity=sensitivity)
 
 
-def _reference_sensitivity(keras_model, keras_in, paired, rows, outputs, keras_outputs, keep, step):
+def _reference_sensitivity(keras_model, keras_in, paired, rows, outputs, keras_outputs, keep, step,
+                           accumulated: float):
     """The Keras model's own sensitivity (`engine.sensitivity`): run on its inputs and their round-off-perturbed
     copy as one batch, in chunks of `step` examples, each paired layer's two halves compared as it is recorded;
     the rows get their `reference_sensitivity`, each compared output its part. None when no input is a float
@@ -381,7 +382,7 @@ def _reference_sensitivity(keras_model, keras_in, paired, rows, outputs, keras_o
     plain, perturbed = dict(keras_outputs), dict(keep(_concat(perturbed_chunks)))
     parts = [conditioning.PartSensitivity(p.keras_name, p.max_abs, max_abs(plain[k], perturbed[k]), p.atol)
              for p in outputs.pairs if (k := p.keras_name) in plain and k in perturbed]
-    return conditioning.Sensitivity(parts, conditioning.breakdown(rows))
+    return conditioning.Sensitivity(parts, conditioning.breakdown(rows, accumulated), accumulated=accumulated)
 
 
 def _copy_by_numbers(keras_model, torch_model, keras_example, torch_example, pairs: list[Pair], inference,

@@ -113,16 +113,17 @@ def row_explained(row: dict) -> bool:
     return explained(as_float(row.get("rel_l2")), as_float(row.get("reference_sensitivity")))
 
 
-def over_tolerance(row: dict) -> bool:
-    return not as_float(row.get("rel_l2")) <= ACCUMULATED_REL_L2  # NaN is over
+def over_tolerance(row: dict, accumulated: float = ACCUMULATED_REL_L2) -> bool:
+    """The row's accumulated error exceeds `accumulated` (the run's `Tolerances.accumulated_rel_l2`)."""
+    return not as_float(row.get("rel_l2")) <= accumulated  # NaN is over
 
 
-def wanted(rows: list[dict], off: bool) -> bool:
+def wanted(rows: list[dict], off: bool, accumulated: float = ACCUMULATED_REL_L2) -> bool:
     """Whether the sensitivity is worth a second reference run: no layer diverges locally, and the outputs miss
     tolerance (`off`) or a row exceeds the accumulated tolerance."""
     if any(r.get("status") == "diverged" for r in rows):
         return False
-    return off or any(over_tolerance(r) for r in rows)
+    return off or any(over_tolerance(r, accumulated) for r in rows)
 
 
 @dataclass
@@ -155,10 +156,10 @@ def part(name: str, keras: np.ndarray, hf: np.ndarray, perturbed: np.ndarray, to
     return PartSensitivity(name, max_abs(keras, hf), max_abs(keras, perturbed), tolerance, tower)
 
 
-def breakdown(rows: list[dict]) -> dict | None:
+def breakdown(rows: list[dict], accumulated: float = ACCUMULATED_REL_L2) -> dict | None:
     """Where the conditioning breaks down: the first row where the reference itself moves by more than the
     accumulated tolerance under round-off of its input."""
-    row = next((r for r in rows if as_float(r.get("reference_sensitivity")) > ACCUMULATED_REL_L2), None)
+    row = next((r for r in rows if as_float(r.get("reference_sensitivity")) > accumulated), None)
     return _where(row) if row is not None else None
 
 
@@ -171,12 +172,13 @@ class Sensitivity:
     breakdown: dict | None = None
     factor: float = SAME_SIZE
     perturbation: str = "one ulp per input element, random sign (seed 0)"
+    accumulated: float = ACCUMULATED_REL_L2  # the run's accumulated tolerance (`Tolerances.accumulated_rel_l2`)
 
     def unexplained(self, rows: list[dict]) -> list[dict]:
         """The rows over the accumulated tolerance, in the towers of the missed outputs, that the reference's
         own sensitivity does not account for."""
         towers = {p.tower for p in self.parts if p.missed}
-        return [r for r in rows if ("" in towers or r["tower"] in towers) and over_tolerance(r)
+        return [r for r in rows if ("" in towers or r["tower"] in towers) and over_tolerance(r, self.accumulated)
                 and not row_explained(r)]
 
     def as_dict(self, rows: list[dict] | None = None) -> dict:
@@ -185,7 +187,7 @@ class Sensitivity:
         if rows is not None:
             left = self.unexplained(rows)
             out["rows_measured"] = sum(math.isfinite(as_float(r.get("reference_sensitivity"))) for r in rows)
-            out["rows_over_tolerance"] = sum(over_tolerance(r) for r in rows)
+            out["rows_over_tolerance"] = sum(over_tolerance(r, self.accumulated) for r in rows)
             out["rows_unexplained"] = len(left)
             out["first_unexplained"] = _where(left[0]) if left else None
         return out

@@ -111,7 +111,9 @@ def trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timi
         coverage = coverage_of(writer, weight_map.entries, len(shapes))
     mark_mismatches(weight_map.entries, rows)
     measured = any(p.sensitivity == p.sensitivity for p in parts)
-    sensitivity = Sensitivity(parts, conditioning.breakdown(rows)) if measured else None
+    accumulated = Tolerances.for_run(float64, options.atol).accumulated_rel_l2
+    sensitivity = Sensitivity(parts, conditioning.breakdown(rows, accumulated), accumulated=accumulated) if measured \
+        else None
     return Traced(weight_map, conflicts, [], coverage, with_embeds(features["keras"]), with_embeds(features["hf"]),
                   pairs, rows, parts, sensitivity)
 
@@ -212,7 +214,7 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
     part = conditioning.PartSensitivity(embeds_name, max_abs(embeds["keras"], embeds["hf"]), float("nan"),
                                         tolerances.embeds_max_abs, tower)
     conditioning.annotate(rows, {})
-    if conditioning.wanted(rows, off):
+    if conditioning.wanted(rows, off, tolerances.accumulated_rel_l2):
         with stage(f"reference sensitivity {tower}", timings):
             sums, perturbed = _sensitivity(keras, tower, inputs, paired, max(1, step // 2))
         if sums is not None:
