@@ -98,6 +98,19 @@ def test_generic_trace_in_float64_localises_an_epsilon_float32_would_miss():
     assert in_float32.first_local_divergence is None or in_float32.first_local_divergence["local_rel_l2"] < 1e-3
 
 
+def test_generic_trace_in_float64_names_an_activation_variant():
+    """The checks re-run HF modules on the Keras side's float64 activations: a tanh-approximated GELU in the port
+    is named, as in float32."""
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    keras = tf_keras.Sequential([tf_keras.layers.Input((6,)), tf_keras.layers.Dense(8, activation="gelu", name="d1"),
+                                 tf_keras.layers.Dense(3, name="d2")])
+    port = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 3))
+    result = tracer.trace(keras, port, x, float64=True)
+    first = result.first_local_divergence
+    assert first is not None and "activation" in hint_classes(first["hint"]), first
+    assert "HF computes gelu_new (tanh approximation)" in first["hint"] and "Keras computes gelu (erf)" in first["hint"]
+
+
 def test_a_subclassed_keras_model_in_float32_is_refused():
     class Net(tf_keras.Model):
         def __init__(self):

@@ -335,7 +335,7 @@ def check_never_written(pair, row, ctx: Context) -> str | None:
             source = "no mapping entry writes it"
         found.append(f"HF `{full}` is {how} but {source}")
         if expected is not None:
-            fixed = torch.from_numpy(np.ascontiguousarray(expected, np.float32))
+            fixed = torch.from_numpy(np.ascontiguousarray(expected)).to(tensor.dtype)
             fixes.append((owner, attr, _parameter(fixed) if isinstance(tensor, torch.nn.Parameter) else fixed))
     if not found:
         return None
@@ -634,11 +634,12 @@ def _fitting(z, target: np.ndarray) -> list[tuple[str, float]]:
 
 
 def _torch_input(array: np.ndarray, layout: str = "nchw"):
-    """A Keras float activation as the HF module takes it (NHWC -> NCHW for 4-D maps laid out so)."""
+    """A Keras float activation as the HF module takes it (NHWC -> NCHW for 4-D maps laid out so); float64 stays
+    float64 (a `--float64` run's modules are double)."""
     import torch
 
     a = nhwc_to_nchw(array) if layout == "nchw" else array
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64 if a.dtype == np.float64 else np.float32))
 
 
 def _activation_site(pair, ctx: Context):
@@ -849,7 +850,7 @@ def check_bias(pair, row, ctx: Context) -> str | None:
     out_features = module.weight.shape[0]
     if value.shape != (out_features,) or not np.any(value != 0):
         return None
-    fixed = _parameter(torch.from_numpy(np.ascontiguousarray(value, np.float32)))
+    fixed = _parameter(torch.from_numpy(np.ascontiguousarray(value)).to(module.weight.dtype))
     err = _local_error(pair, _rerun(pair, [(module, "bias", fixed)]))
     if err > FIT:
         return None
