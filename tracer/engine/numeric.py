@@ -190,13 +190,18 @@ def _local_error(pair: Pair, values) -> float | None:
     return None if out is None else divergence(pair.keras.output, out).rel_l2
 
 
+def _owners(pairs: list[Pair]) -> dict[str, Pair]:
+    """Keras variable -> the paired layer that holds it."""
+    return {v: p for p in pairs if p.paired for v in p.keras.variables}
+
+
 def settle(pairs: list[Pair], conflicts: list, table_entries: list, tracer_entries: list,
            read: Callable[[str], np.ndarray]) -> None:
     """Measure each conflict (`mapping.Conflict`): the paired layer that owns its Keras variable re-run on its
     recorded input (its record holds one example's arrays) with the weights the table gives its module, then
     with those the tracer gives it; the candidate whose output agrees (local rel_l2 within `LOCAL_REL_L2`) while
     the other's does not is the winner. The torch model is left as it was."""
-    owner = {v: p for p in pairs if p.paired for v in p.keras.variables}
+    owner = _owners(pairs)
     table = {e.parameter: e for e in table_entries}
     tracer = {e.parameter: e for e in tracer_entries}
     for c in conflicts:
@@ -226,7 +231,7 @@ def by_numbers(pairs: list[Pair], inference, table, mode: str, read: Callable[[s
     # A table without gaps names every weight's place: the tracer's order-based guesses between siblings need no
     # tie-break there (BERT-Base: 72 judge runs), any disagreement with the table is measured below (`settle`).
     groups = [] if table is not None and not table.unmatched else ambiguous_groups(pairs)
-    owners = {v: p for p in pairs if p.paired for v in p.keras.variables}
+    owners = _owners(pairs)
     wanted = [pairs[i] for group in groups for i in group]
     wanted += [c for group in groups if (c := enclosing(pairs, group)) is not None]
     wanted += [owners[c.variable] for c in conflicts if c.variable in owners]
