@@ -8,14 +8,15 @@ Each rule is (pattern, target, transform). Patterns are full-match regexes over 
 from __future__ import annotations
 
 from tracer.engine.mapping import Rule
+from tracer.families.naming import BERT_LAYER, EFFICIENTNET_BLOCK
 
 V = "vision_model"
 T = "text_model"
-BLOCK = r"block(?P<block>\d+[a-z])_"
+BLOCK = EFFICIENTNET_BLOCK + "_"
 BN = r"(?P<param>gamma|beta|moving_mean|moving_variance)"
 LN = r"LayerNorm/(?P<param>gamma|beta)"
 BERT = r"(?:[^/]+/)?bert/"
-LAYER = BERT + r"encoder/layer_\._(?P<layer>\d+)/"
+LAYER = BERT + f"encoder/{BERT_LAYER}/"
 HF_BLOCK = f"{V}.encoder.blocks.{{block}}."
 HF_LAYER = f"{T}.encoder.layer.{{layer}}."
 

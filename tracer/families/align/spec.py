@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 from tracer.errors import ConversionError
+from tracer.families.naming import BERT_LAYER, EFFICIENTNET_BLOCK
 
 # EfficientNet's base stages (Tan & Le 2019), shared by Keras, coyo and HF: (kernel, repeats, in, out, expand, stride).
 BASE_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -34,8 +35,8 @@ NAMED_VARIANTS = {
 BERT_HEAD_SIZE = 64  # coyo builds BertConfig(num_attention_heads=hidden // 64)
 
 TEMPERATURE_NAMES = ("Variable", "temperature")
-_BLOCK = re.compile(r"^block(\d+)([a-z])_")
-_BERT_LAYER = re.compile(r"^(?P<scope>.+?/bert)/encoder/layer_\._(\d+)/")
+_BLOCK = re.compile(f"^{EFFICIENTNET_BLOCK}_")
+_BERT_LAYER = re.compile(f"^(?P<scope>.+?/bert)/encoder/{BERT_LAYER}/")
 _DENSE_KERNEL = re.compile(r"^dense(_\d+)?/kernel$")
 NOT_ALIGN = ("is this a coyo-align ALIGN checkpoint? Pass the weights its training saved (model.save_weights); a "
              "checkpoint of another architecture cannot be converted to AlignModel")
@@ -134,7 +135,7 @@ def derive_vision(shapes: Mapping[str, Sequence[int]], image_size: int = 289) ->
     for name in shapes:
         m = _BLOCK.match(name)
         if m:
-            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+            blocks.setdefault(int(m.group("stage")), set()).add(m.group("letter"))
     if "stem_conv/kernel" not in shapes or not blocks:
         raise ConversionError("no EfficientNet image tower found: expected `stem_conv/kernel` and `block1a_*` "
                               f"variables; {NOT_ALIGN}")
@@ -196,7 +197,7 @@ def derive_text(shapes: Mapping[str, Sequence[int]], seq_length: int = 64) -> Te
     for name in shapes:
         m = _BERT_LAYER.match(name)
         if m:
-            layers.setdefault(m.group("scope"), set()).add(int(m.group(2)))
+            layers.setdefault(m.group("scope"), set()).add(int(m.group("layer")))
     if not layers:
         raise ConversionError(f"no BERT text tower found: expected `…/bert/encoder/layer_._N/…` variables; {NOT_ALIGN}")
     if len(layers) > 1:

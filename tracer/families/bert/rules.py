@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from tracer.engine.mapping import Rule
 from tracer.families.bert.spec import BertSpec
+from tracer.families.naming import BERT_LAYER
 
 SCOPE = r"[^/]+/"
 LN = r"LayerNorm/(?P<param>gamma|beta)"
+ENCODER_LAYER = f"bert/encoder/{BERT_LAYER}/"
 
 # (part, pattern after the scope, target after the class's prefix, transform). `{P}` is the base model's prefix.
 TABLE = (
@@ -20,24 +22,24 @@ TABLE = (
     ("base", r"bert/embeddings/(?P<kind>position|token_type)_embeddings/embeddings",
      "{P}embeddings.{kind}_embeddings.weight", "identity"),
     ("base", r"bert/embeddings/" + LN, "{P}embeddings.LayerNorm.{param}", "identity"),
-    ("base", r"bert/encoder/layer_\._(?P<layer>\d+)/attention/self/(?P<qkv>query|key|value)/kernel",
+    ("base", ENCODER_LAYER + r"attention/self/(?P<qkv>query|key|value)/kernel",
      "{P}encoder.layer.{layer}.attention.self.{qkv}.weight", "dense"),
-    ("base", r"bert/encoder/layer_\._(?P<layer>\d+)/attention/self/(?P<qkv>query|key|value)/bias",
+    ("base", ENCODER_LAYER + r"attention/self/(?P<qkv>query|key|value)/bias",
      "{P}encoder.layer.{layer}.attention.self.{qkv}.bias", "identity"),
     *(
         row
         for keras, torch in (("attention/output", "attention.output"), ("intermediate", "intermediate"),
                              ("output", "output"))
         for row in (
-            ("base", rf"bert/encoder/layer_\._(?P<layer>\d+)/{keras}/dense/kernel",
+            ("base", rf"{ENCODER_LAYER}{keras}/dense/kernel",
              f"{{P}}encoder.layer.{{layer}}.{torch}.dense.weight", "dense"),
-            ("base", rf"bert/encoder/layer_\._(?P<layer>\d+)/{keras}/dense/bias",
+            ("base", rf"{ENCODER_LAYER}{keras}/dense/bias",
              f"{{P}}encoder.layer.{{layer}}.{torch}.dense.bias", "identity"),
         )
     ),
-    ("base", r"bert/encoder/layer_\._(?P<layer>\d+)/attention/output/" + LN,
+    ("base", ENCODER_LAYER + r"attention/output/" + LN,
      "{P}encoder.layer.{layer}.attention.output.LayerNorm.{param}", "identity"),
-    ("base", r"bert/encoder/layer_\._(?P<layer>\d+)/output/" + LN,
+    ("base", ENCODER_LAYER + r"output/" + LN,
      "{P}encoder.layer.{layer}.output.LayerNorm.{param}", "identity"),
     ("pooler", r"bert/pooler/dense/kernel", "{P}pooler.dense.weight", "dense"),
     ("pooler", r"bert/pooler/dense/bias", "{P}pooler.dense.bias", "identity"),

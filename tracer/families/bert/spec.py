@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from tracer.errors import BadInputError, ConversionError
+from tracer.families.naming import BERT_LAYER
 from tracer.families.bert.names import canonical, part_of
 
 HEAD_SIZE = 64
@@ -41,7 +42,7 @@ KERAS_SCOPES = {
     "TFBertForQuestionAnswering": "tf_bert_for_question_answering",
 }
 _HEAD_PARTS = ("mlm", "nsp", "classifier", "qa")
-_LAYER = re.compile(r"^bert/encoder/layer_\._(\d+)/")
+_LAYER = re.compile(f"^bert/encoder/{BERT_LAYER}/")
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def derive_spec(shapes: Mapping[str, Sequence[int]], format: str, config: dict |
     vocab, hidden = _need(canon, "bert/embeddings/word_embeddings/weight")
     positions = _need(canon, "bert/embeddings/position_embeddings/embeddings")[0]
     types = _need(canon, "bert/embeddings/token_type_embeddings/embeddings")[0]
-    layers = sorted({int(m.group(1)) for n in canon if (m := _LAYER.match(n))})
+    layers = sorted({int(m.group("layer")) for n in canon if (m := _LAYER.match(n))})
     if not layers:
         raise ConversionError("no encoder layer (`bert/encoder/layer_*`) in the checkpoint: it is not a complete "
                               "BERT; use the checkpoint its training saved")

@@ -9,9 +9,10 @@ they become the image processor (`PROCESSOR_WEIGHTS`, see processor.py).
 from __future__ import annotations
 
 from tracer.engine.mapping import Rule
+from tracer.families.naming import EFFICIENTNET_BLOCK
 from tracer.families.efficientnet.spec import NORMALIZATION
 
-BLOCK = r"block(?P<block>\d+[a-z])_"
+BLOCK = EFFICIENTNET_BLOCK + "_"
 BN = r"(?P<param>gamma|beta|moving_mean|moving_variance)"
 HF_BLOCK = "encoder.blocks.{block}."
 # The Normalization layer's variables: the processor's image_mean / image_std (count is only its adapt() state).

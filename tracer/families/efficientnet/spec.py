@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
 from tracer.errors import BadInputError, ConversionError
+from tracer.families.naming import EFFICIENTNET_BLOCK
 # The base stages and channel rounding are EfficientNet's own, shared with ALIGN's image tower.
 from tracer.families.align.spec import BASE_STAGES, SE_RATIO, STEM_FILTERS, round_filters, round_repeats
 
@@ -47,7 +48,7 @@ TOP_FILTERS = 1280  # keras.applications' top conv: round_filters(1280)
 DROP_CONNECT_RATE = 0.2
 BATCH_NORM_EPS = 1e-3  # tf_keras BatchNormalization's default, which keras.applications keeps
 
-_BLOCK = re.compile(r"^block(?P<stage>\d+)(?P<letter>[a-z])_")
+_BLOCK = re.compile(f"^{EFFICIENTNET_BLOCK}_")
 # keras.applications leaves the Normalization layer unnamed: `normalization`, or `normalization_N` when other models
 # were built first in the same session.
 NORMALIZATION = re.compile(r"^(?P<layer>normalization(?:_\d+)?)/(?P<leaf>mean|variance|count)$")
