@@ -9,7 +9,7 @@ a copy of the torch side at a chosen layer, and `tracer.trace(k, faulty, x, copy
     where Keras fuses an activation into a conv). A preprocessing fault leaves every layer's own computation
     right, so there it means: no local divergence, and the first row over the accumulated tolerance is the first
     layer, where the error enters.
-  * named: that row's hint names the fault's class (`hint_classes`).
+  * named: that row's hints name the fault's class (`hint.classes`).
 
 Controls (the correct ports) must give no local divergence and verdict "match".
 
@@ -23,7 +23,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from tracer.engine.diagnose import hint_classes
+from tracer.engine.hint import classes
 from tracer.engine.report import first_divergences
 from tracer.families.efficientnet.demo import calibrate_batch_norm  # BatchNorm statistics: activations O(1)
 
@@ -458,6 +458,7 @@ class Result:
     hint: str
     seconds: float
     verdict: str = ""
+    classes: list = field(default_factory=list)  # the classes of the scored row's hints
 
 
 def _weights_path(run, row: dict) -> str:
@@ -483,16 +484,16 @@ def run_case(group: str, case: Case) -> Result:
     if case.cls == "control":
         clean = local is None and run.verdict == "match"
         return Result(group, case.cls, case.name, clean, clean, local["hf_module"] if local else "",
-                      local["hint"] if local else "", seconds, run.verdict)
+                      local["hint"] if local else "", seconds, run.verdict, classes(local) if local else [])
     if case.cls == "preprocessing":
         row = accumulated
         located = local is None and row is not None and row["hf_module"] == pair.first
     else:
         row = local
         located = row is not None and case.module in (row["hf_module"], _weights_path(run, row))
-    named = row is not None and case.cls in hint_classes(row["hint"])
+    named = row is not None and case.cls in classes(row)
     return Result(group, case.cls, case.name, located, named and located, row["hf_module"] if row else "",
-                  row["hint"] if row else "", seconds, run.verdict)
+                  row["hint"] if row else "", seconds, run.verdict, classes(row) if row else [])
 
 
 def table(results: list[Result]) -> str:
@@ -520,7 +521,7 @@ def main(argv=None) -> int:
         r = run_case(group, case)
         results.append(r)
         mark = "ok" if r.located and r.named else "MISS"
-        print(f"{mark:4} {group:14} {case.name}: row {r.row or '-'} {hint_classes(r.hint)}", flush=True)
+        print(f"{mark:4} {group:14} {case.name}: row {r.row or '-'} {r.classes}", flush=True)
     text = table(results)
     misses = [r for r in results if not (r.located and r.named)]
     body = (f"# Fault-injection suite\n\n`python benchmarks/fault_suite.py --cases {args.cases}`\n\n{text}\n")

@@ -31,7 +31,8 @@ from tracer.engine.compare import ACCUMULATED_REL_L2, LOCAL_REL_L2, layer_rows  
 from tracer.families.align.blocks import align_blocks  # noqa: E402
 from tracer.families.align.parity import compare_embeddings  # noqa: E402
 from tracer.families.align.towers import tower_of  # noqa: E402
-from tracer.engine.diagnose import CHECKERS, CLASSES, RUN_CHECKERS, diagnose, hint_classes  # noqa: E402
+from tracer.engine.diagnose import CHECKERS, CLASSES, RUN_CHECKERS, diagnose  # noqa: E402
+from tracer.engine.hint import Hint, classes, set_hints  # noqa: E402
 from tracer.engine.mapping import map_by_file, read_mapping, write_mapping  # noqa: E402
 from tracer.engine.pairing import pair_records  # noqa: E402
 from tracer.engine.record.torch import recording  # noqa: E402
@@ -163,10 +164,10 @@ def assert_located(run: Run, block: str, cls: str) -> dict:
     first = run.first_local()
     assert first["block"] == block, (first["block"], first["hf_module"])
     assert first["status"] == "diverged"
-    assert hint_classes(first["hint"]) == [cls], first["hint"]
+    assert classes(first) == [cls], first["hint"]
     for row in run.diverged():
-        assert set(hint_classes(row["hint"])) <= {cls, "within"} and row["hint"], (row["hf_module"], row["hint"])
-        if "within" in hint_classes(row["hint"]):
+        assert set(classes(row)) <= {cls, "within"} and row["hint"], (row["hf_module"], row["hint"])
+        if "within" in classes(row):
             assert f"({cls})" in row["hint"], row["hint"]
     return first
 
@@ -182,7 +183,9 @@ def test_one_checker_per_class_in_a_registry():
     names = [c.name for c in CHECKERS] + [c.name for c in RUN_CHECKERS]
     assert set(names) == set(CLASSES)
     assert len([c.name for c in CHECKERS]) == len({c.name for c in CHECKERS})
-    assert hint_classes("[padding] a | [within] b") == ["padding", "within"]
+    row = {}
+    set_hints(row, [Hint("padding", "a"), Hint("within", "b")])
+    assert classes(row) == ["padding", "within"] and row["hint"] == "[padding] a | [within] b"
 
 
 def test_a_one_pixel_shift_is_measured_on_the_overlap():
@@ -310,7 +313,7 @@ def test_a_symmetric_pad_in_block3a(good):
     assert "re-running with Keras' padding fits" in first["hint"]
     # Where the error enters (the depthwise conv after the unpaired pads), the shapes off by one are named.
     entry = run.first_accumulated()
-    assert entry["block"] == "block3a" and hint_classes(entry["hint"]) == ["padding"]
+    assert entry["block"] == "block3a" and classes(entry) == ["padding"]
     assert "76x76" in entry["hint"] and "75x75" in entry["hint"]
 
 
@@ -353,9 +356,9 @@ def test_pixels_rescaled_by_another_processor(good):
     assert not run.parity.ok and run.diverged() == []
     entry = run.first_accumulated()
     assert entry["block"] == "stem" and entry["order"] == 0
-    assert hint_classes(entry["hint"]) == ["preprocessing"]
+    assert classes(entry) == ["preprocessing"]
     assert "0.5·k + 0.5" in entry["hint"] and "HF 1/255·p" in entry["hint"] and "1/127.5·p − 1" in entry["hint"]
-    assert [hint_classes(h) for h in run.hints] == [["preprocessing"]]
+    assert [h.cls for h in run.hints] == ["preprocessing"]
 
 
 # ------------------------------------------------------------------------------------------------ 8. temperature
@@ -373,6 +376,6 @@ def test_the_temperature_not_carried_over(good):
     hints = diagnose(good.traced.pairs, rows, good.traced.weight_map.entries, parity,
                      align_blocks(good.spec.vision.block_names()))
     assert not parity.ok
-    assert [hint_classes(h) for h in hints] == [["temperature"]]
-    assert "0.07" in hints[0] and "default temperature_init_value" in hints[0]
+    assert [h.cls for h in hints] == ["temperature"]
+    assert "0.07" in hints[0].evidence and "default temperature_init_value" in hints[0].evidence
     assert all(r["hint"] == "" for r in rows)

@@ -105,7 +105,7 @@ def test_report_verdict_and_amplified_hint():
     assert word == "ill-conditioned" and "ill-conditioned" in reasons[-1]
     assert verdict(rows, Parity(), None)[0] == "diverged"
     hint = conditioning.amplified_hint(rows[2])
-    assert hint.startswith("[amplified] amplified round-off: the original model itself moves by rel_l2 2.00e-01")
+    assert hint.cls == "amplified" and str(hint).startswith("[amplified] amplified round-off: the original model itself moves by rel_l2 2.00e-01")
     assert conditioning.amplified_hint({**rows[2], "reference_sensitivity": 1e-4}) is None  # 3000x: not explained
 
 

@@ -555,7 +555,7 @@ def test_max_shard_size_writes_shards_and_reloads(tiny_bundle, tmp_path):
 def test_a_streamed_run_keeps_the_arrays_its_diagnosis_needs(tiny_bundle, tmp_path):
     """Without `keep_activations` the traced run keeps no arrays, except those of a one-example capture pass around
     the rows the diagnosis explains: a BatchNorm epsilon fault is still located and named."""
-    from tracer.engine.diagnose import hint_classes
+    from tracer.engine.hint import classes
 
     options = ConvertOptions(checkpoint_path=str(tiny_bundle / "model-weights"),
                              inputs_file=str(tiny_bundle / "reference.npz"), trace=True,
@@ -565,4 +565,4 @@ def test_a_streamed_run_keeps_the_arrays_its_diagnosis_needs(tiny_bundle, tmp_pa
     rows = failed.value.result.rows
     first = next(r for r in rows if r["status"] == "diverged")
     assert first["block"] == "stem", first["hf_module"]
-    assert hint_classes(first["hint"]) == ["epsilon"], first["hint"]
+    assert classes(first) == ["epsilon"], first["hint"]

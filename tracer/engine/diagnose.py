@@ -10,7 +10,7 @@ need no re-run (a weight at its initial value, the input pixels off by an affine
 Rows that get a hint: every row that diverged locally; the first row of a tower whose accumulated error exceeds
 tolerance when that tower is off (where the error enters, e.g. the preprocessing); a container whose diverged
 layer inside already has a hint points to it. Run-level hints (the temperature, the preprocessing) are returned.
-Each hint is `[class] evidence`, several joined by ` | `; `hint_classes()` reads the classes back.
+Each hint is a `hint.Hint` (class, evidence); rows hold them in `hints`, and as text in `hint`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +26,7 @@ import numpy as np
 
 from tracer.engine.compare import (ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, nhwc_to_nchw,
                                    to_keras_layout)
+from tracer.engine.hint import Hint, classes, set_hints
 from tracer.engine.record import output_layout
 from tracer.engine.sensitivity import amplified_hint
 
@@ -51,12 +51,6 @@ CLASSES = {
     "bias": "a bias dropped (bias=False, or left at zero) where Keras has one",
     "mapping": "a weight the table sends where the tracer's measured candidate fits and the table's does not",
 }
-_HINT_CLASS = re.compile(r"\[([a-z_]+)\]")
-
-
-def hint_classes(hint: str) -> list[str]:
-    """The classes a hint names, in order (`[padding] ... | [within] ...` -> ['padding', 'within'])."""
-    return _HINT_CLASS.findall(hint or "")
 
 
 # ---------------------------------------------------------------------------------------------------- context
@@ -217,8 +211,18 @@ def _keras_members(ctx: Context, pair) -> list:
 
 @dataclass(frozen=True)
 class Checker:
-    name: str  # the class, as hints name it: `[name] ...`
-    check: Callable  # (pair, row, ctx) -> str | None
+    name: str  # the class of the hints it gives
+    check: Callable  # (pair, row, ctx) -> evidence (str) or None; run checkers: (ctx) -> ...
+
+    def __call__(self, *args, where: str = "") -> Hint | None:
+        """Its hint for these arguments, or None; a check that fails logs a warning and finds nothing (it must
+        not cost the report)."""
+        try:
+            evidence = self.check(*args)
+        except Exception as exc:
+            logger.warning("diagnose: check %s%s failed: %s", self.name, where, exc)
+            return None
+        return Hint(self.name, evidence) if evidence else None
 
 
 CHECKERS: list[Checker] = []  # row checkers, in the order their evidence is listed
@@ -878,11 +882,11 @@ def check_mapping(pair, row, ctx: Context) -> str | None:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def _fallback(pair, row, ctx: Context) -> str:
+def _fallback(pair, row, ctx: Context) -> Hint:
     """A targeted row no checker explains: say what is known."""
     if row["status"] == "diverged":
-        return (f"[unexplained] local rel_l2 {_as_of(row)}: none of the checks ({', '.join(c.name for c in CHECKERS)}) "
-                "fits it")
+        return Hint("unexplained", f"local rel_l2 {_as_of(row)}: none of the checks "
+                                   f"({', '.join(c.name for c in CHECKERS)}) fits it")
     if amplified := amplified_hint(row):  # the reference itself moves that much: nothing upstream to blame
         return amplified
     upstream = []
@@ -898,8 +902,9 @@ def _fallback(pair, row, ctx: Context) -> str:
         upstream.append(f"{'Keras' if p.keras else 'HF'} `{r.path.rsplit('/', 1)[-1] if p.keras else r.path}` "
                         f"{'x'.join(map(str, r.shape))}")
     where = f": unpaired before it: {', '.join(upstream[::-1])}" if upstream else ""
-    return (f"[upstream] its own computation matches (local rel_l2 {_as_of(row)}) but its input already differs "
-            f"(accumulated rel_l2 {_fmt(row.get('rel_l2', float('nan')))}): the error enters before it{where}")
+    return Hint("upstream", f"its own computation matches (local rel_l2 {_as_of(row)}) but its input already "
+                            f"differs (accumulated rel_l2 {_fmt(row.get('rel_l2', float('nan')))}): the error "
+                            f"enters before it{where}")
 
 
 # Kinds that pass their input on unchanged (in inference): an unpaired one cannot be where an error enters.
@@ -945,53 +950,40 @@ def _diverged_inside(pair, done: list[tuple[dict, object]]):
     return None
 
 
-def _safely(check: Callable, name: str, where: str, *args) -> str | None:
-    """`check(*args)`'s evidence; a check that fails logs a warning and finds nothing (it must not cost the
-    report)."""
-    try:
-        return check(*args)
-    except Exception as exc:
-        logger.warning("diagnose: check %s%s failed: %s", name, where, exc)
-        return None
-
-
-def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None = None) -> list[str]:
-    """Add a `hint` to the rows that diverge (and to where an off part's error enters); return run-level hints.
+def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None = None) -> list[Hint]:
+    """Give `hints` to the rows that diverge (and to where an off part's error enters); return run-level hints.
     `parity` answers `off(part)` (its outputs miss their tolerance); `block_of` is the rows' block function."""
     for row in rows:
-        row["hint"] = ""
+        set_hints(row, [])
     ctx = Context.build(pairs, rows, entries, parity, block_of)
-    run_hints = []
-    for c in RUN_CHECKERS:
-        if evidence := _safely(c.check, c.name, " (run)", ctx):
-            run_hints.append(f"[{c.name}] {evidence}")
+    run_hints = [h for c in RUN_CHECKERS if (h := c(ctx, where=" (run)"))]
     done: list[tuple[dict, object]] = []
     for row in _targets(ctx):
         pair = ctx.pair_of(row)
         inner = _diverged_inside(pair, done)
         if inner is not None:
-            classes = ", ".join(dict.fromkeys(hint_classes(inner["hint"]))) or "no known cause"
-            row["hint"] = f"[within] `{inner['hf_module']}` inside it diverges ({classes}): see that row"
+            named = ", ".join(dict.fromkeys(classes(inner))) or "no known cause"
+            found = [Hint("within", f"`{inner['hf_module']}` inside it diverges ({named}): see that row")]
         elif pair is None:
-            row["hint"] = f"[unexplained] local rel_l2 {_as_of(row)}: no recorded pair to re-run"
+            found = [Hint("unexplained", f"local rel_l2 {_as_of(row)}: no recorded pair to re-run")]
         else:
-            where = f" on {row['hf_module']}"
-            found = [f"[{c.name}] {evidence}" for c in CHECKERS
-                     if (evidence := _safely(c.check, c.name, where, pair, row, ctx))]
-            row["hint"] = " | ".join(found) or _fallback(pair, row, ctx)
+            found = [h for c in CHECKERS if (h := c(pair, row, ctx, where=f" on {row['hf_module']}"))]
+            found = found or [_fallback(pair, row, ctx)]
+        set_hints(row, found)
         done.append((row, pair))
     _sub_tolerance_activations(ctx)
     for row in rows:  # amplified rows the reference's own sensitivity accounts for say so
-        if not row["hint"] and (amplified := amplified_hint(row)):
-            row["hint"] = amplified
+        if not row["hints"] and (amplified := amplified_hint(row)):
+            set_hints(row, [amplified])
     return run_hints
 
 
 def _sub_tolerance_activations(ctx: Context) -> None:
     """Suspect rows whose activation check names two different functions: diverged, with that hint (a wrong
     activation must not pass because the pre-activations were small)."""
+    activation = next(c for c in CHECKERS if c.name == "activation")
     for row in filter(suspect, ctx.rows):
         pair = ctx.pair_of(row)
-        if pair is not None and (evidence := _safely(check_activation, "activation", f" on {row['hf_module']}",
-                                                     pair, row, ctx)):
-            row["status"], row["hint"] = "diverged", f"[activation] {evidence}"
+        if pair is not None and (hint := activation(pair, row, ctx, where=f" on {row['hf_module']}")):
+            row["status"] = "diverged"
+            set_hints(row, [hint])

@@ -371,7 +371,7 @@ def summary(result, checkpoint_path: str) -> dict:
         "towers": towers,
         "diverged_blocks": [f"{b['tower']}/{b['block']}" for b in block_rows(rows) if b["status"] == "diverged"],
         "tolerances": _tolerances(p, tolerances),
-        "hints": list(getattr(result, "hints", None) or []),
+        "hints": [str(h) for h in getattr(result, "hints", None) or []],
         "reference_max_abs": dict(getattr(result, "reference_max_abs", None) or {}),
         "set_aside": getattr(result, "set_aside", None),
         "timings": {k: round(v, 3) for k, v in (getattr(result, "timings", None) or {}).items()},

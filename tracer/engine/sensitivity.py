@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tracer.engine.compare import ACCUMULATED_REL_L2, Sums, as_float, max_abs
+from tracer.engine.hint import Hint
 
 SEED = 0
 # "Of the same size": the port's error at most this many times the reference's own under a one-ulp input change.
@@ -217,14 +218,14 @@ def explanation(sensitivity: Sensitivity) -> str:
             f"this model; no end-to-end tolerance means anything on it")
 
 
-def amplified_hint(row: dict) -> str | None:
+def amplified_hint(row: dict) -> Hint | None:
     """The hint of an amplified row the reference's sensitivity explains, or None."""
     if row.get("status") != "amplified" or not row_explained(row):
         return None
     moves, moves_abs = as_float(row["reference_sensitivity"]), as_float(row["reference_sensitivity_max_abs"])
-    return (f"[amplified] amplified round-off: the original model itself moves by rel_l2 {moves:.2e} (max|Δ| "
-            f"{moves_abs:.2e}) here under round-off of its input; the port's accumulated rel_l2 "
-            f"{as_float(row['rel_l2']):.2e} is of that size")
+    return Hint("amplified", f"amplified round-off: the original model itself moves by rel_l2 {moves:.2e} (max|Δ| "
+                             f"{moves_abs:.2e}) here under round-off of its input; the port's accumulated rel_l2 "
+                             f"{as_float(row['rel_l2']):.2e} is of that size")
 
 
 def _where(row: dict) -> dict:
