@@ -131,8 +131,8 @@ def test_preflight_names_the_missing_parent(tmp_path):
 
 
 def test_report_is_written_atomically(tmp_path, monkeypatch):
-    """report.py writes beside the destination and renames: an interrupted write leaves no report folder and keeps
-    an existing one."""
+    """report.write_report writes beside the destination and renames: an interrupted write leaves no report folder
+    and keeps an existing one."""
     from tracer.engine import report
 
     result = SimpleNamespace(rows=[], entries=[])
@@ -141,7 +141,7 @@ def test_report_is_written_atomically(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "summary", interrupted)
+    monkeypatch.setattr(report.page, "summary", interrupted)  # write_report's own lookup
     with pytest.raises(KeyboardInterrupt):
         report.write_report(result, dest, "ckpt")
     assert list(tmp_path.iterdir()) == []

@@ -284,7 +284,7 @@ def test_a_failure_while_writing_leaves_no_destination(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report, "render_html", boom)
+    monkeypatch.setattr(report.page, "render_html", boom)  # where write_report looks it up
     with pytest.raises(RuntimeError, match="disk full"):
         report.write_report(result(), tmp_path / "run", "ckpt")
     assert list(tmp_path.iterdir()) == []  # no destination, no partial folder
@@ -293,7 +293,7 @@ def test_a_failure_while_writing_leaves_no_destination(tmp_path, monkeypatch):
 def test_a_failure_keeps_the_previous_report(tmp_path, monkeypatch):
     folder = report.write_report(result(), tmp_path / "run", "ckpt")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    monkeypatch.setattr(report, "summary", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(report.page, "summary", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         report.write_report(result(rows=[]), tmp_path / "run", "ckpt")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
