@@ -9,7 +9,7 @@ a copy of the torch side at a chosen layer, and `tracer.trace(k, faulty, x, copy
     where Keras fuses an activation into a conv). A preprocessing fault leaves every layer's own computation
     right, so there it means: no local divergence, and the first row over the accumulated tolerance is the first
     layer, where the error enters.
-  * named: that row's hints name the fault's class (`hint.classes`).
+  * named: that row's hints name the fault's class (`LayerRow.hint_classes`).
 
 Controls (the correct ports) must give no local divergence and verdict "match".
 
@@ -36,7 +36,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from tracer.engine.hint import classes
 from tracer.engine.report import first_divergences
 from tracer.families.efficientnet.demo import calibrate_batch_norm  # BatchNorm statistics: activations O(1)
 
@@ -464,10 +463,10 @@ class Result:
 def _weights_path(run, row: dict) -> str:
     """The torch module that holds the row's weights (the conv before a fused activation), else its own."""
     for p in run.pairs:
-        if p.torch is not None and p.torch.path == row["hf_module"] and p.keras is not None \
-                and p.keras.path == row["keras_layer"]:
+        if p.torch is not None and p.torch.path == row.hf_module and p.keras is not None \
+                and p.keras.path == row.keras_layer:
             return p.torch_weights.path if p.torch_weights is not None else p.torch.path
-    return row["hf_module"]
+    return row.hf_module
 
 
 def run_case(group: str, case: Case) -> Result:
@@ -483,17 +482,17 @@ def run_case(group: str, case: Case) -> Result:
     local, accumulated = first_divergences(run.rows)
     if case.cls == "control":
         clean = local is None and run.verdict == "match"
-        return Result(group, case.cls, case.name, clean, clean, local["hf_module"] if local else "",
-                      local["hint"] if local else "", seconds, run.verdict, classes(local) if local else [])
+        return Result(group, case.cls, case.name, clean, clean, local.hf_module if local else "",
+                      local.hint if local else "", seconds, run.verdict, local.hint_classes if local else [])
     if case.cls == "preprocessing":
         row = accumulated
-        located = local is None and row is not None and row["hf_module"] == pair.first
+        located = local is None and row is not None and row.hf_module == pair.first
     else:
         row = local
-        located = row is not None and case.module in (row["hf_module"], _weights_path(run, row))
-    named = row is not None and case.cls in classes(row)
-    return Result(group, case.cls, case.name, located, named and located, row["hf_module"] if row else "",
-                  row["hint"] if row else "", seconds, run.verdict, classes(row) if row else [])
+        located = row is not None and case.module in (row.hf_module, _weights_path(run, row))
+    named = row is not None and case.cls in row.hint_classes
+    return Result(group, case.cls, case.name, located, named and located, row.hf_module if row else "",
+                  row.hint if row else "", seconds, run.verdict, row.hint_classes if row else [])
 
 
 def table(results: list[Result]) -> str:

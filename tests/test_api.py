@@ -10,7 +10,6 @@ import tracer  # noqa: F401  (sets TensorFlow's environment first)
 import tf_keras
 from torch import nn
 
-from tracer.engine.hint import classes
 from tracer.errors import BadInputError
 from tracer.families.efficientnet.demo import calibrate_batch_norm
 
@@ -121,8 +120,8 @@ def test_query_and_key_swapped_is_found_and_the_value_match_names_the_swap(bert_
 
     run = _broken_copy(bert_pair, swap)
     first = run.first_local_divergence
-    assert first is not None and first["hf_module"].startswith("encoder.layer.1.attention"), first
-    assert "qkv_swap" in classes(first), first["hint"]
+    assert first is not None and first.hf_module.startswith("encoder.layer.1.attention"), first
+    assert "qkv_swap" in first.hint_classes, first.hint
     mapping = run.mapping.set_index("parameter")
     query = mapping.loc["encoder.layer.1.attention.self.query.weight"]
     assert "layer_._1/attention/self/key/kernel (dense)" in query["equals"], query["equals"]
@@ -137,8 +136,8 @@ def test_untransposed_square_kernel_is_found(bert_pair):
 
     run = _broken_copy(bert_pair, transpose)
     first = run.first_local_divergence
-    assert first["hf_module"] == "encoder.layer.0.attention.output.dense", first
-    assert "transposed" in classes(first), first["hint"]
+    assert first.hf_module == "encoder.layer.0.attention.output.dense", first
+    assert "transposed" in first.hint_classes, first.hint
     entry = run.mapping.set_index("parameter").loc["encoder.layer.0.attention.output.dense.weight"]
     assert entry["equals"].endswith("(identity)"), entry["equals"]  # the kernel as Keras stores it, untransposed
 
@@ -149,8 +148,8 @@ def test_layer_norm_epsilon_is_found(bert_pair):
 
     run = _broken_copy(bert_pair, epsilon)
     first = run.first_local_divergence
-    assert first["hf_module"] == "encoder.layer.1.output.LayerNorm", first
-    assert "epsilon" in classes(first), first["hint"]
+    assert first.hf_module == "encoder.layer.1.output.LayerNorm", first
+    assert "epsilon" in first.hint_classes, first.hint
     assert run.verdict == "diverged"
 
 
@@ -192,8 +191,8 @@ def test_batch_norm_epsilon_in_a_hand_written_port():
     tracer.trace(keras_model, torch_model, x)  # the weights, copied right
     run = tracer.trace(keras_model, torch_model, x, copy_weights=False)
     first = run.first_local_divergence
-    assert first["keras_class"] == "BatchNormalization", first
-    assert "epsilon" in classes(first), first["hint"]
+    assert first.keras_class == "BatchNormalization", first
+    assert "epsilon" in first.hint_classes, first.hint
     for _, entry in run.mapping.iterrows():  # each tensor holds its Keras weight (zero vectors may equal several)
         assert f"{entry['variable']} ({entry['transform']})" in entry["equals"].split("; "), entry
 
@@ -204,8 +203,8 @@ def test_padding_in_a_hand_written_port():
     x = RNG.standard_normal((2, 16, 16, 3)).astype(np.float32)
     run = tracer.trace(keras_model, torch_model, x)
     first = run.first_local_divergence
-    assert first is not None and first["keras_class"] == "Conv2D", first
-    assert "padding" in classes(first), first["hint"]
+    assert first is not None and first.keras_class == "Conv2D", first
+    assert "padding" in first.hint_classes, first.hint
 
 
 class _Scale(tf_keras.layers.Layer):

@@ -17,7 +17,7 @@ other tower's rows are the correct run's: its modules are untouched).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,7 +32,8 @@ from tracer.families.align.blocks import align_blocks  # noqa: E402
 from tracer.families.align.parity import compare_embeddings  # noqa: E402
 from tracer.families.align.towers import tower_of  # noqa: E402
 from tracer.engine.diagnose import CHECKERS, CLASSES, RUN_CHECKERS, diagnose  # noqa: E402
-from tracer.engine.hint import Hint, classes, set_hints  # noqa: E402
+from tracer.engine.hint import Hint  # noqa: E402
+from tracer.engine.row import LayerRow  # noqa: E402
 from tracer.engine.mapping import map_by_file, read_mapping, write_mapping  # noqa: E402
 from tracer.engine.pairing import pair_records  # noqa: E402
 from tracer.engine.record.torch import recording  # noqa: E402
@@ -86,13 +87,13 @@ class Run:
 
     def first_local(self) -> dict:
         """The first row whose local error exceeds tolerance (NaN: not measured, never exceeds)."""
-        return next(r for r in self.rows if r["local_rel_l2"] > LOCAL_REL_L2)
+        return next(r for r in self.rows if r.local_rel_l2 > LOCAL_REL_L2)
 
     def first_accumulated(self) -> dict:
-        return next(r for r in self.rows if r["rel_l2"] > ACCUMULATED_REL_L2)
+        return next(r for r in self.rows if r.rel_l2 > ACCUMULATED_REL_L2)
 
     def diverged(self) -> list[dict]:
-        return [r for r in self.rows if r["status"] == "diverged"]
+        return [r for r in self.rows if r.status == "diverged"]
 
 
 def retrace(good, model, towers, entries=None, pixel_values=None) -> Run:
@@ -114,7 +115,7 @@ def retrace(good, model, towers, entries=None, pixel_values=None) -> Run:
             rows += layer_rows(tower_pairs, entries, align_blocks(good.spec.vision.block_names()))
         else:
             pairs += [p for p in good.traced.pairs if p.tower == tower]
-            rows += [dict(r) for r in good.traced.rows if r["tower"] == tower]
+            rows += [replace(r) for r in good.traced.rows if r.tower == tower]
     parity = compare_embeddings(good.traced.keras_out, hf_out, good.temperature, float(model.temperature.detach()))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hints = diagnose(pairs, rows, entries, parity, align_blocks(good.spec.vision.block_names()))
@@ -162,13 +163,13 @@ def assert_located(run: Run, block: str, cls: str) -> dict:
     """The first locally diverged row lies in `block` and its hint names `cls` (and no other class); every
     diverged row carries a hint that names `cls` or points to a row inside it that does."""
     first = run.first_local()
-    assert first["block"] == block, (first["block"], first["hf_module"])
-    assert first["status"] == "diverged"
-    assert classes(first) == [cls], first["hint"]
+    assert first.block == block, (first.block, first.hf_module)
+    assert first.status == "diverged"
+    assert first.hint_classes == [cls], first.hint
     for row in run.diverged():
-        assert set(classes(row)) <= {cls, "within"} and row["hint"], (row["hf_module"], row["hint"])
-        if "within" in classes(row):
-            assert f"({cls})" in row["hint"], row["hint"]
+        assert set(row.hint_classes) <= {cls, "within"} and row.hint, (row.hf_module, row.hint)
+        if "within" in row.hint_classes:
+            assert f"({cls})" in row.hint, row.hint
     return first
 
 
@@ -183,9 +184,8 @@ def test_one_checker_per_class_in_a_registry():
     names = [c.name for c in CHECKERS] + [c.name for c in RUN_CHECKERS]
     assert set(names) == set(CLASSES)
     assert len([c.name for c in CHECKERS]) == len({c.name for c in CHECKERS})
-    row = {}
-    set_hints(row, [Hint("padding", "a"), Hint("within", "b")])
-    assert classes(row) == ["padding", "within"] and row["hint"] == "[padding] a | [within] b"
+    row = LayerRow("vision", 0, hints=[Hint("padding", "a"), Hint("within", "b")])
+    assert row.hint_classes == ["padding", "within"] and row.hint == "[padding] a | [within] b"
 
 
 def test_a_one_pixel_shift_is_measured_on_the_overlap():
@@ -201,12 +201,12 @@ def test_a_one_pixel_shift_is_measured_on_the_overlap():
 
 
 def test_a_correct_conversion_gets_no_hint(good):
-    rows = [dict(r) for r in good.traced.rows]
+    rows = [replace(r) for r in good.traced.rows]
     hints = diagnose(good.traced.pairs, rows, good.traced.weight_map.entries, good.parity,
                      align_blocks(good.spec.vision.block_names()))
     assert good.parity.ok and hints == []
-    assert {r["status"] for r in rows} == {"ok"}
-    assert all(r["hint"] == "" for r in rows)
+    assert {r.status for r in rows} == {"ok"}
+    assert all(r.hint == "" for r in rows)
 
 
 def test_a_failing_check_warns_and_the_others_still_hint(good, tmp_path, monkeypatch, caplog):
@@ -242,8 +242,8 @@ def test_a_norm_left_at_its_initial_value(good):
     model.text_model.encoder.layer[1].attention.output.LayerNorm.reset_parameters()
     run = retrace(good, model, ("text",))
     first = assert_located(run, "layer_._1", "never_written")
-    assert first["hf_module"] == "text_model.encoder.layer.1.attention.output.LayerNorm"
-    assert "is all ones" in first["hint"] and "is all zeros" in first["hint"] and "fits" in first["hint"]
+    assert first.hf_module == "text_model.encoder.layer.1.attention.output.LayerNorm"
+    assert "is all ones" in first.hint and "is all zeros" in first.hint and "fits" in first.hint
 
 
 # ------------------------------------------------------------------------------------------------ 2. transposed
@@ -257,8 +257,8 @@ def test_a_dense_kernel_copied_without_its_transpose(good, tmp_path):
     model, entries = with_mapping_file(good, tmp_path, edit)
     run = retrace(good, model, ("text",), entries=entries)
     first = assert_located(run, "layer_._1", "transposed")
-    assert first["hf_module"] == "text_model.encoder.layer.1.attention.output.dense"
-    assert "transposed" in first["hint"] and "mapping transform `identity`" in first["hint"]
+    assert first.hf_module == "text_model.encoder.layer.1.attention.output.dense"
+    assert "transposed" in first.hint and "mapping transform `identity`" in first.hint
 
 
 def test_a_spatially_flipped_depthwise_kernel(good):
@@ -269,7 +269,7 @@ def test_a_spatially_flipped_depthwise_kernel(good):
         weight.copy_(weight.flip(-1, -2))
     run = retrace(good, model, ("vision",))
     first = assert_located(run, "block5a", "transposed")
-    assert "flipped in both spatial axes" in first["hint"]
+    assert "flipped in both spatial axes" in first.hint
 
 
 # ------------------------------------------------------------------------------------------------ 3. q/k/v
@@ -284,8 +284,8 @@ def test_query_and_key_swapped(good, tmp_path):
     model, entries = with_mapping_file(good, tmp_path, edit)
     run = retrace(good, model, ("text",), entries=entries)
     first = assert_located(run, "layer_._1", "qkv_swap")
-    assert first["hf_module"] == "text_model.encoder.layer.1.attention.self.query"
-    assert "HF key holds Keras query" in first["hint"] and "HF query holds Keras key" in first["hint"]
+    assert first.hf_module == "text_model.encoder.layer.1.attention.self.query"
+    assert "HF key holds Keras query" in first.hint and "HF query holds Keras key" in first.hint
 
 
 # ------------------------------------------------------------------------------------------------ 4. epsilon
@@ -298,7 +298,7 @@ def test_a_batchnorm_epsilon_mismatch(good):
     run = retrace(good, model, ("vision",))
     first = assert_located(run, "stem", "epsilon")
     assert model.vision_model.embeddings.batchnorm.eps == 1e-5  # re-run with Keras' eps, then put back
-    assert "eps 1e-05" in first["hint"] and "epsilon 0.001" in first["hint"] and "fits" in first["hint"]
+    assert "eps 1e-05" in first.hint and "epsilon 0.001" in first.hint and "fits" in first.hint
 
 
 # ------------------------------------------------------------------------------------------------ 5. padding
@@ -309,12 +309,12 @@ def test_a_symmetric_pad_in_block3a(good):
     (1, 2): the pad outputs differ by one pixel (they stay unpaired) and the block's output shifts."""
     run = retrace(good, with_config(good, "vision_config.depthwise_padding=[2]"), ("vision",))
     first = assert_located(run, "block3a", "padding")
-    assert first["hf_module"] == "vision_model.encoder.blocks.2"
-    assert "re-running with Keras' padding fits" in first["hint"]
+    assert first.hf_module == "vision_model.encoder.blocks.2"
+    assert "re-running with Keras' padding fits" in first.hint
     # Where the error enters (the depthwise conv after the unpaired pads), the shapes off by one are named.
     entry = run.first_accumulated()
-    assert entry["block"] == "block3a" and classes(entry) == ["padding"]
-    assert "76x76" in entry["hint"] and "75x75" in entry["hint"]
+    assert entry.block == "block3a" and entry.hint_classes == ["padding"]
+    assert "76x76" in entry.hint and "75x75" in entry.hint
 
 
 def test_a_one_pixel_shift_in_the_stem(good):
@@ -323,9 +323,9 @@ def test_a_one_pixel_shift_in_the_stem(good):
     model.vision_model.embeddings.padding.padding = (1, 0, 1, 0)
     run = retrace(good, model, ("vision",))
     first = assert_located(run, "stem", "padding")
-    assert first["hf_module"] == "vision_model.embeddings.padding"
+    assert first.hf_module == "vision_model.embeddings.padding"
     assert model.vision_model.embeddings.padding.padding == (1, 0, 1, 0)  # re-run with Keras', then put back
-    assert "(1, 0, 1, 0)" in first["hint"] and "(0, 1, 0, 1)" in first["hint"]
+    assert "(1, 0, 1, 0)" in first.hint and "(0, 1, 0, 1)" in first.hint
 
 
 # ------------------------------------------------------------------------------------------------ 6. activation
@@ -338,7 +338,7 @@ def test_a_one_pixel_shift_in_the_stem(good):
 def test_an_activation_variant(good, override, tower, block, hf_name, keras_name):
     run = retrace(good, with_config(good, override), (tower,))
     first = assert_located(run, block, "activation")
-    assert f"HF computes {hf_name}" in first["hint"] and f"Keras computes {keras_name}" in first["hint"]
+    assert f"HF computes {hf_name}" in first.hint and f"Keras computes {keras_name}" in first.hint
 
 
 # ------------------------------------------------------------------------------------------------ 7. preprocessing
@@ -355,9 +355,9 @@ def test_pixels_rescaled_by_another_processor(good):
         np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))))
     assert not run.parity.ok and run.diverged() == []
     entry = run.first_accumulated()
-    assert entry["block"] == "stem" and entry["order"] == 0
-    assert classes(entry) == ["preprocessing"]
-    assert "0.5·k + 0.5" in entry["hint"] and "HF 1/255·p" in entry["hint"] and "1/127.5·p − 1" in entry["hint"]
+    assert entry.block == "stem" and entry.order == 0
+    assert entry.hint_classes == ["preprocessing"]
+    assert "0.5·k + 0.5" in entry.hint and "HF 1/255·p" in entry.hint and "1/127.5·p − 1" in entry.hint
     assert [h.cls for h in run.hints] == ["preprocessing"]
 
 
@@ -370,7 +370,7 @@ def test_the_temperature_not_carried_over(good):
     model = tampered(good)
     with torch.no_grad():
         model.temperature.fill_(1.0)
-    rows = [dict(r) for r in good.traced.rows]
+    rows = [replace(r) for r in good.traced.rows]
     parity = compare_embeddings(good.traced.keras_out, good.traced.hf_out, good.temperature,
                                 float(model.temperature.detach()))
     hints = diagnose(good.traced.pairs, rows, good.traced.weight_map.entries, parity,
@@ -378,4 +378,4 @@ def test_the_temperature_not_carried_over(good):
     assert not parity.ok
     assert [h.cls for h in hints] == ["temperature"]
     assert "0.07" in hints[0].evidence and "default temperature_init_value" in hints[0].evidence
-    assert all(r["hint"] == "" for r in rows)
+    assert all(r.hint == "" for r in rows)

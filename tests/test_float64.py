@@ -22,7 +22,6 @@ torch = pytest.importorskip("torch")
 
 import convert
 from tracer.engine.compare import FLOAT32, FLOAT64, Tolerances
-from tracer.engine.hint import classes
 
 ROUND_OFF = 1e-12  # the issue's bar: "both sides agree to float64 round-off"
 
@@ -80,9 +79,9 @@ def test_generic_trace_in_float64_agrees_to_round_off():
     result = tracer.trace(keras, port, x, float64=True)
     assert next(port.parameters()).dtype == torch.float64
     assert result.tolerances is FLOAT64 and result.verdict == "match"
-    accumulated, local = worst(result.rows)
+    accumulated, local = worst(result.layers.to_dict("records"))
     assert accumulated <= ROUND_OFF and local <= ROUND_OFF, (accumulated, local)
-    assert all(r["status"] == "ok" for r in result.rows)
+    assert all(r.status == "ok" for r in result.rows)
 
 
 def test_generic_trace_in_float64_localises_an_epsilon_float32_would_miss():
@@ -92,10 +91,10 @@ def test_generic_trace_in_float64_localises_an_epsilon_float32_would_miss():
     keras, port = _pair(eps_torch=1e-5)
     result = tracer.trace(keras, port, x, float64=True)
     first = result.first_local_divergence
-    assert first is not None and first["hf_class"] == "LayerNorm", first
-    assert "epsilon" in classes(first), first["hint"]
+    assert first is not None and first.hf_class == "LayerNorm", first
+    assert "epsilon" in first.hint_classes, first.hint
     # The same fault in float32 is smaller than float32's own tolerance would call a fault.
-    assert in_float32.first_local_divergence is None or in_float32.first_local_divergence["local_rel_l2"] < 1e-3
+    assert in_float32.first_local_divergence is None or in_float32.first_local_divergence.local_rel_l2 < 1e-3
 
 
 def test_generic_trace_in_float64_names_an_activation_variant():
@@ -107,8 +106,8 @@ def test_generic_trace_in_float64_names_an_activation_variant():
     port = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 3))
     result = tracer.trace(keras, port, x, float64=True)
     first = result.first_local_divergence
-    assert first is not None and "activation" in classes(first), first
-    assert "HF computes gelu_new (tanh approximation)" in first["hint"] and "Keras computes gelu (erf)" in first["hint"]
+    assert first is not None and "activation" in first.hint_classes, first
+    assert "HF computes gelu_new (tanh approximation)" in first.hint and "Keras computes gelu (erf)" in first.hint
 
 
 def test_a_subclassed_keras_model_in_float32_is_refused():

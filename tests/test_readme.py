@@ -15,5 +15,6 @@ def test_the_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["run"].verdict == "match"
     assert scope["check"].verdict == "diverged"
-    assert "[epsilon]" in scope["check"].first_local_divergence["hint"]
+    first = scope["check"].first_local_divergence
+    assert first.hint_classes == ["epsilon"] and first.hint.startswith("[epsilon] "), first
     assert (tmp_path / "reports" / "mine" / "report.html").is_file()

@@ -20,23 +20,26 @@ from tracer.engine.transfer import tensor_checksum
 
 from tracer.engine import compare, report
 from tracer.families.align.parity import Parity
+from tracer.engine.hint import Hint
 from tracer.engine.mapping import Entry
+from tracer.engine.row import LayerRow, Status
 
 NAN = float("nan")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def row(tower, order, block, status, rel=NAN, local=NAN, hint="", keras=None, hf=None, max_abs=None):
+    """A layer row; `hint`: the evidence of one hint of class `fault` (its text is `[fault] <hint>`)."""
     keras = keras if keras is not None else f"{tower}/{block}/layer{order}"
-    return {
-        "tower": tower, "order": order, "block": block, "keras_layer": keras, "keras_class": "Conv2D",
-        "hf_module": hf if hf is not None else f"{tower}_model.{block}.m{order}", "hf_class": "Conv2d",
-        "keras_shape": "2x8x8x4", "hf_shape": "2x4x8x8",
-        "max_abs": rel * 10 if max_abs is None else max_abs, "mean_abs": rel, "rel_l2": rel,
-        "cosine": 1.0 - rel if rel == rel else NAN, "local_max_abs": local * 10, "local_rel_l2": local,
-        "growth": NAN, "status": status, "weights": f"{block}/kernel -> {tower}_model.{block}.weight",
-        "mapping_source": "table", "hint": hint,
-    }
+    return LayerRow(
+        tower, order, block, keras_layer=keras, keras_class="Conv2D",
+        hf_module=hf if hf is not None else f"{tower}_model.{block}.m{order}", hf_class="Conv2d",
+        keras_shape="2x8x8x4", hf_shape="2x4x8x8",
+        max_abs=rel * 10 if max_abs is None else max_abs, mean_abs=rel, rel_l2=rel,
+        cosine=1.0 - rel if rel == rel else NAN, local_max_abs=local * 10, local_rel_l2=local,
+        status=Status(status), weights=f"{block}/kernel -> {tower}_model.{block}.weight",
+        mapping_source="table", hints=[Hint("fault", hint)] if hint else [],
+    )
 
 
 def synthetic_rows():
@@ -97,7 +100,7 @@ def test_csv_files_have_exactly_the_documented_columns(written):
     layers = pd.read_csv(folder / "layers.csv")
     assert list(layers.columns) == report.LAYER_COLUMNS
     assert len(layers) == len(synthetic_rows())
-    assert layers.loc[1, "hint"] == "BatchNorm eps differs"
+    assert layers.loc[1, "hint"] == "[fault] BatchNorm eps differs"
     assert list(pd.read_csv(folder / "blocks.csv").columns) == report.BLOCK_COLUMNS
     mapping = pd.read_csv(folder / "mapping.csv", keep_default_na=False)
     assert list(mapping.columns) == report.MAPPING_COLUMNS
@@ -112,7 +115,7 @@ def test_csv_files_have_exactly_the_documented_columns(written):
 def test_rows_without_a_hint_still_get_the_column(tmp_path):
     rows = synthetic_rows()
     for r in rows:
-        del r["hint"]
+        r.hints = []
     folder = report.write_report(result(rows=rows), tmp_path / "r", "ckpt")
     layers = pd.read_csv(folder / "layers.csv", keep_default_na=False)
     assert list(layers.columns) == report.LAYER_COLUMNS and (layers["hint"] == "").all()
@@ -130,12 +133,12 @@ def test_blocks_aggregate(written):
     assert stem["local_rel_l2"] == pytest.approx(1e-2) and stem["local_max_abs"] == pytest.approx(1e-1)
     assert stem["first_diverged_keras_layer"] == "vision/stem/layer1"
     assert stem["first_diverged_hf_module"] == "vision_model.stem.m1"
-    assert stem["hint"] == "BatchNorm eps differs"
+    assert stem["hint"] == "[fault] BatchNorm eps differs"
     b1 = blocks.loc[("vision", "block1a")]
     assert (b1["layers"], b1["diverged"], b1["amplified"], b1["unpaired"]) == (4, 2, 1, 1)
     assert (b1["first_order"], b1["last_order"]) == (3, 6)
     assert b1["rel_l2"] == pytest.approx(5e-2) and b1["local_rel_l2"] == pytest.approx(3e-3)
-    assert b1["first_diverged_keras_layer"] == "vision/block1a/layer5" and b1["hint"] == "padding"
+    assert b1["first_diverged_keras_layer"] == "vision/block1a/layer5" and b1["hint"] == "[fault] padding"
     assert blocks.loc[("vision", "pooling"), "status"] == "amplified"
     assert blocks.loc[("text", "embeddings"), "status"] == "ok"
     assert blocks.loc[("text", "embeddings"), "first_diverged_keras_layer"] == ""
@@ -223,7 +226,7 @@ def test_first_divergences_pick_the_right_rows():
     ]
     data = report.summary(result(rows=rows), "c")
     local, acc = data["first_local_divergence"], data["first_accumulated_divergence"]
-    assert (local["tower"], local["order"], local["block"], local["hint"]) == ("vision", 3, "block1a", "the cause")
+    assert (local["tower"], local["order"], local["block"], local["hint"]) == ("vision", 3, "block1a", "[fault] the cause")
     assert local["keras_layer"] == "vision/block1a/layer3" and local["hf_module"] == "vision_model.block1a.m3"
     assert local["local_max_abs"] == pytest.approx(5e-2)
     assert (acc["order"], acc["block"], acc["hint"]) == (1, "stem", "")
@@ -240,7 +243,7 @@ def test_format_summary(written):
     assert "verdict: DIVERGED" in text
     assert "image max|Δ| 1.00e-07" in text
     assert "first divergence: vision vision/stem/layer1 -> vision_model.stem.m1 [stem]" in text
-    assert "hint: BatchNorm eps differs" in text
+    assert "hint: [fault] BatchNorm eps differs" in text
     assert f"report: {folder / 'report.html'}" in text
     ok = report.format_summary(result(rows=[row("text", 0, "embeddings", "ok", 1e-7, 1e-7)]))
     assert ok.startswith("verdict: MATCH") and "first divergence" not in ok and "report:" not in ok
@@ -249,8 +252,8 @@ def test_format_summary(written):
 # ------------------------------------------------------------------------------------------------ HTML
 def test_html_is_self_contained_and_escaped(tmp_path):
     rows = synthetic_rows()
-    rows[1]["keras_layer"] = "vision/stem_bn<script>alert(1)</script>"
-    rows[1]["hint"] = 'eps "1e-3" & <1e-5>'
+    rows[1].keras_layer = "vision/stem_bn<script>alert(1)</script>"
+    rows[1].hints = [Hint("epsilon", 'eps "1e-3" & <1e-5>')]
     ents = entries()
     ents[0].variable = "Variable<x>"
     folder = report.write_report(result(rows=rows, ents=ents), tmp_path / "r", "ckpt<&>")

@@ -10,6 +10,7 @@ with uncalibrated BatchNorm (measured: image_embeds max|Δ| 1.1e-6), so it canno
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ import pytest
 from tracer.engine import sensitivity as conditioning
 from tracer.engine.compare import ACCUMULATED_REL_L2
 from tracer.engine.record import Record
+from tracer.engine.row import LayerRow, Status
 
 # ------------------------------------------------------------------------------------------------ the engine
 
@@ -50,9 +52,9 @@ def test_meter_compares_the_two_halves_of_each_wanted_record():
 
 
 def _rows(errors, sensitivities, status="amplified"):
-    return [{"tower": "vision", "order": i, "block": "b", "keras_layer": f"k{i}", "hf_module": f"h{i}",
-             "rel_l2": e, "max_abs": e, "local_rel_l2": 1e-7, "status": status if e > ACCUMULATED_REL_L2 else "ok",
-             "reference_sensitivity": s, "reference_sensitivity_max_abs": s}
+    return [LayerRow("vision", i, "b", keras_layer=f"k{i}", hf_module=f"h{i}", rel_l2=e, max_abs=e,
+                     local_rel_l2=1e-7, status=Status(status if e > ACCUMULATED_REL_L2 else "ok"),
+                     reference_sensitivity=s, reference_sensitivity_max_abs=s)
             for i, (e, s) in enumerate(zip(errors, sensitivities))]
 
 
@@ -86,7 +88,7 @@ def test_a_float64_run_judges_rows_by_its_own_accumulated_tolerance():
         summary = conditioning.Sensitivity([part], accumulated=tolerances.accumulated_rel_l2).as_dict(rows)
         assert summary["rows_over_tolerance"] == over
     unexplained = conditioning.Sensitivity([part], accumulated=FLOAT64.accumulated_rel_l2).unexplained(rows)
-    assert [r["keras_layer"] for r in unexplained] == ["k1"]  # k1: 100x its reference; k2 within 10x
+    assert [r.keras_layer for r in unexplained] == ["k1"]  # k1: 100x its reference; k2 within 10x
 
 
 def test_report_verdict_and_amplified_hint():
@@ -106,7 +108,7 @@ def test_report_verdict_and_amplified_hint():
     assert verdict(rows, Parity(), None)[0] == "diverged"
     hint = conditioning.amplified_hint(rows[2])
     assert hint.cls == "amplified" and str(hint).startswith("[amplified] amplified round-off: the original model itself moves by rel_l2 2.00e-01")
-    assert conditioning.amplified_hint({**rows[2], "reference_sensitivity": 1e-4}) is None  # 3000x: not explained
+    assert conditioning.amplified_hint(replace(rows[2], reference_sensitivity=1e-4)) is None  # 3000x: not explained
 
 
 # ------------------------------------------------------------------------------------------------ ALIGN, end to end
@@ -221,7 +223,7 @@ def test_trace_tells_amplified_round_off_from_a_fault():
     faulty = tracer.trace(*_dense_chain(scale_at=2), x)
     assert faulty.verdict == "diverged"
     assert faulty.sensitivity is None  # a layer off on its own: nothing for the sensitivity to excuse
-    assert faulty.first_local_divergence["order"] == 2
+    assert faulty.first_local_divergence.order == 2
 
 
 def test_the_keras_worker_measures_the_sensitivity_as_this_process_does(tiny_bundle):

@@ -261,8 +261,8 @@ def test_chunked_layer_rows_match_one_pass(chunked_runs):
     differ by ~4e-7 between the two), so the activations themselves differ at that level."""
     (one, _), (chunked, _) = chunked_runs["default"], chunked_runs["tiny"]
     assert len(one.rows) == len(chunked.rows) > 100
-    assert Counter(r["status"] for r in one.rows) == {"ok": len(one.rows)}
-    for a, b in zip(one.rows, chunked.rows):
+    assert Counter(r.status for r in one.rows) == {"ok": len(one.rows)}
+    for a, b in zip([r.record() for r in one.rows], [r.record() for r in chunked.rows]):
         for key in ("tower", "keras_layer", "hf_module", "keras_shape", "hf_shape", "block", "weights", "status"):
             assert a[key] == b[key], (key, a, b)
         for key in ("keras_shape", "hf_shape"):
@@ -273,7 +273,7 @@ def test_chunked_layer_rows_match_one_pass(chunked_runs):
             if x == x:
                 assert abs(x - y) <= 1e-6, (key, a["keras_layer"], x, y)  # both ≤ 1e-6; tolerance is 1e-4
         assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-9)
-    assert sum(r["local_rel_l2"] == r["local_rel_l2"] for r in chunked.rows) > 50  # local re-runs happened
+    assert sum(r.local_rel_l2 == r.local_rel_l2 for r in chunked.rows) > 50  # local re-runs happened
 
 
 @pytest.mark.parametrize("run", ["default", "tiny"])
@@ -304,9 +304,9 @@ def test_streamed_sums_equal_float64_over_all_chunks(chunked_runs, run):
     # The rows are those metrics.
     by_path = {(p.keras.path, p.torch.path): p.measured for p in capture.traced.pairs if p.measured is not None}
     for row in result.rows:
-        m = by_path.get((row["keras_layer"], row["hf_module"]))
+        m = by_path.get((row.keras_layer, row.hf_module))
         if m is not None:
-            assert row["rel_l2"] == m.accumulated.result().rel_l2
+            assert row.rel_l2 == m.accumulated.result().rel_l2
 
 
 def test_chunked_embeddings_match_one_pass(chunked_runs):
@@ -555,14 +555,13 @@ def test_max_shard_size_writes_shards_and_reloads(tiny_bundle, tmp_path):
 def test_a_streamed_run_keeps_the_arrays_its_diagnosis_needs(tiny_bundle, tmp_path):
     """Without `keep_activations` the traced run keeps no arrays, except those of a one-example capture pass around
     the rows the diagnosis explains: a BatchNorm epsilon fault is still located and named."""
-    from tracer.engine.hint import classes
-
+    
     options = ConvertOptions(checkpoint_path=str(tiny_bundle / "model-weights"),
                              inputs_file=str(tiny_bundle / "reference.npz"), trace=True,
                              report_dir=str(tmp_path / "report"), hf_config=["vision_config.batch_norm_eps=1e-5"])
     with pytest.raises(ParityError) as failed:
         convert(options)
     rows = failed.value.result.rows
-    first = next(r for r in rows if r["status"] == "diverged")
-    assert first["block"] == "stem", first["hf_module"]
-    assert classes(first) == ["epsilon"], first["hint"]
+    first = next(r for r in rows if r.status == "diverged")
+    assert first.block == "stem", first.hf_module
+    assert first.hint_classes == ["epsilon"], first.hint

@@ -32,7 +32,7 @@ def test_table_is_confirmed_by_the_tracer(table_run):
     assert result.coverage.checkpoint_weights_used == result.coverage.checkpoint_weights_total
     assert result.coverage.hf_tensors_written == result.coverage.hf_tensors_total
     assert result.parity.ok
-    assert {r["status"] for r in result.rows} == {"ok"}
+    assert {r.status for r in result.rows} == {"ok"}
 
 
 def test_each_mapping_entry_is_filed_under_its_tower(table_run):
@@ -48,15 +48,15 @@ def test_each_mapping_entry_is_filed_under_its_tower(table_run):
 
 def test_pairs_containers_and_fused_activations(table_run):
     result, _ = table_run
-    pairs = {(r["keras_layer"].rsplit("/", 1)[-1], r["hf_module"]) for r in result.rows}
+    pairs = {(r.keras_layer.rsplit("/", 1)[-1], r.hf_module) for r in result.rows}
     assert ("block1a", "vision_model.encoder.blocks.0") in pairs
     assert ("layer_._1", "text_model.encoder.layer.1") in pairs
     assert ("embeddings", "text_model.embeddings") in pairs
     assert ("dense", "text_projection") in pairs
     # Conv2D(activation="swish") pairs with torch's conv + SiLU: the compared output is the activation's.
     assert ("block2a_se_reduce", "vision_model.encoder.blocks.1.squeeze_excite.act_reduce") in pairs
-    qkv = [r["hf_module"] for r in result.rows if "/layer_._0/attention/self/" in r["keras_layer"]
-           and r["keras_class"] == "Dense"]
+    qkv = [r.hf_module for r in result.rows if "/layer_._0/attention/self/" in r.keras_layer
+           and r.keras_class == "Dense"]
     assert qkv == [f"text_model.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
 
 
@@ -142,9 +142,9 @@ def test_exploding_activations_are_no_false_fault(tiny_bundle, tmp_path):
                                                                   "token_type_ids")})
     result = convert(ConvertOptions(checkpoint_path=prefix, inputs_file=str(tmp_path / "inputs.npz"),
                                     trace=True, report_dir=str(tmp_path / "report")))
-    statuses = Counter(r["status"] for r in result.rows)
+    statuses = Counter(r.status for r in result.rows)
     assert statuses["diverged"] == 0 and result.parity.ok
-    vision = [r for r in result.rows if r["tower"] == "vision"]
-    assert max(r["max_abs"] for r in vision) > 1.0  # the magnitudes exploded
-    assert statuses["amplified"] > 0 and all(r["status"] == "amplified" for r in vision if r["max_abs"] > 1e-3)
-    assert all(r["local_rel_l2"] < 1e-4 for r in vision if r["local_rel_l2"] == r["local_rel_l2"])
+    vision = [r for r in result.rows if r.tower == "vision"]
+    assert max(r.max_abs for r in vision) > 1.0  # the magnitudes exploded
+    assert statuses["amplified"] > 0 and all(r.status == "amplified" for r in vision if r.max_abs > 1e-3)
+    assert all(r.local_rel_l2 < 1e-4 for r in vision if r.local_rel_l2 == r.local_rel_l2)

@@ -341,7 +341,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
             timings["reference sensitivity"] = time.perf_counter() - started - sum(timings.values())
 
         hints: list[str] = []
-        if diagnose and (not outputs.ok or any(r["status"] == "diverged" or suspect(r) for r in rows)):
+        if diagnose and (not outputs.ok or any(r.diverged or suspect(r) for r in rows)):
             needed = needed_for_diagnosis(rows, final, not outputs.ok)
             keras_records, torch_records, _, _ = side.run(
                 _select(keras_in, slice(0, 1)), _select(torch_in, slice(0, 1)), [Measured() for _ in paired],

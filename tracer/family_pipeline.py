@@ -20,6 +20,7 @@ from tracer.errors import BadInputError, ConversionError, ParityError
 from tracer.families.base import Family
 from tracer.io.checkpoint import open_checkpoint
 from tracer.progress import stage
+from tracer.engine.row import LayerRow
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class FamilyResult:
     pushed_to: str | None = None
 
     @property
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[LayerRow]:
         return self.run.rows if self.run is not None else []
 
 
@@ -231,7 +232,7 @@ def model_card(options, family_name_or_family, spec, result) -> str:
     if rows:
         from collections import Counter
 
-        counts = Counter(r["status"] for r in rows)
+        counts = Counter(r.status for r in rows)
         lines.append(f"- **Layers compared:** {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.most_common())})")
     coverage = getattr(result, "coverage", None)
     if coverage is not None:

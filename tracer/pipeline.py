@@ -29,6 +29,7 @@ from tracer.families.align.rules import ALIGN_RULES
 from tracer.families.align.spec import AlignSpec, derive_spec
 from tracer.families.align.trace import trace
 from tracer.engine.transfer import Coverage, transfer
+from tracer.engine.row import LayerRow
 
 logger = logging.getLogger(__name__)
 DEFAULT_ACTIVATION_BUDGET_MB = 512
@@ -78,7 +79,7 @@ class ConversionResult:
     reload_checked: int = 0  # tensors of the saved model checked bit for bit after reloading
     reference_max_abs: dict[str, float] = field(default_factory=dict)  # HF vs the original's outputs, if given
     model: torch.nn.Module | None = field(default=None, repr=False)
-    rows: list[dict] = field(default_factory=list)  # per-layer divergence, when traced
+    rows: list[LayerRow] = field(default_factory=list)  # per-layer divergence, when traced
     sensitivity: object = None  # `engine.sensitivity.Sensitivity`, when traced and measured
     hints: list[str] = field(default_factory=list)  # run-level cause hints
     report: Path | None = None
@@ -298,12 +299,12 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
                 else "rerun with --trace to find the first layer that diverges")
         raise ParityError(f"the converted model does not match the checkpoint: {parity.describe()}; {look}.{nothing}",
                           result)
-    diverged = [r for r in result.rows if r["status"] == "diverged"]
+    diverged = [r for r in result.rows if r.diverged]
     if diverged:  # within tolerance at the end, but a layer computes something else: not silent
         first = diverged[0]
         raise ParityError(f"{len(diverged)} layer(s) diverge although the embeddings are within atol "
-                          f"{atol:g}; the first is {first['keras_layer'] or first['hf_module']} in "
-                          f"{first['block']} (see {result.report}).{nothing}", result)
+                          f"{atol:g}; the first is {first.keras_layer or first.hf_module} in "
+                          f"{first.block} (see {result.report}).{nothing}", result)
     # Reference outputs come from the original in float32: a float64 run is held to the float32 tolerance there.
     ref_atol = options.atol if options.atol is not None else FLOAT32.embeds_max_abs
     off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and not v <= ref_atol}

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
+
+from tracer.engine.row import LayerRow, Status
 
 DEFAULT_ATOL = 1e-3  # the original converter's tolerance on L2-normalised embeddings
 
@@ -342,7 +345,7 @@ def module_blocks(pairs) -> Callable:
 
 
 def layer_rows(pairs, entries: list, block_of: Callable | None = None,
-               tolerances: Tolerances = FLOAT32) -> list[dict]:
+               tolerances: Tolerances = FLOAT32) -> list[LayerRow]:
     """One row per paired layer (and per unpaired layer that computes something), in execution order.
     `block_of(pair)`: the block its row is counted in (an adapter's names; default `module_blocks(pairs)`);
     `tolerances`: the run's (its precision's) thresholds for each row's status."""
@@ -354,53 +357,48 @@ def layer_rows(pairs, entries: list, block_of: Callable | None = None,
     # which TF's BERT applies inline; the embedding tables a Keras layer owns directly).
     covered = tuple([f"{p.torch.path}." for p in pairs if p.paired and p.torch.is_container]
                     + [f"{p.keras.path}/" for p in pairs if p.paired and p.keras.is_container])
-    rows: list[dict] = []
+    rows: list[LayerRow] = []
+    count: Counter = Counter()
     previous: dict[str, float] = {}
     for pair in pairs:
         k, t = pair.keras, pair.torch
         if not pair.paired and (gap_cost(k or t) == 0.0 or (k or t).path.startswith(covered)):
             continue
-        row = {
-            "tower": pair.tower, "order": len([r for r in rows if r["tower"] == pair.tower]),
-            "keras_layer": k.path if k else "", "keras_class": k.cls if k else "",
-            "hf_module": t.path if t else "", "hf_class": t.cls if t else "",
-            "keras_shape": "x".join(map(str, k.shape)) if k else "",
-            "hf_shape": "x".join(map(str, t.shape)) if t else "",
-            "block": block_of(pair),
-        }
         weights = [source_of[v] for v in (k.variables if k else {}) if v in source_of]
-        row["weights"] = "; ".join(f"{e.variable} -> {e.parameter}" for e in weights)
-        row["mapping_source"] = ",".join(sorted({e.source for e in weights}))
-        metrics = dict.fromkeys(("max_abs", "mean_abs", "rel_l2", "cosine", "local_max_abs", "local_rel_l2",
-                                 "growth"), float("nan"))
-        status = "unpaired"
+        row = LayerRow(
+            pair.tower, count[pair.tower], block_of(pair),
+            keras_layer=k.path if k else "", keras_class=k.cls if k else "",
+            hf_module=t.path if t else "", hf_class=t.cls if t else "",
+            keras_shape="x".join(map(str, k.shape)) if k else "",
+            hf_shape="x".join(map(str, t.shape)) if t else "",
+            weights="; ".join(f"{e.variable} -> {e.parameter}" for e in weights),
+            mapping_source=",".join(sorted({e.source for e in weights})), pair=pair)
+        count[pair.tower] += 1
         measured = pair.measured if pair.paired else None
         if measured is None and pair.paired and k.output is not None and t.output is not None:
             measured = Measured().add(pair)
         if measured is not None:
             acc = measured.accumulated.result()
-            metrics.update(max_abs=acc.max_abs, mean_abs=acc.mean_abs, rel_l2=acc.rel_l2, cosine=acc.cosine)
+            row.max_abs, row.mean_abs, row.rel_l2, row.cosine = acc.max_abs, acc.mean_abs, acc.rel_l2, acc.cosine
             if measured.local is not None:
                 loc = measured.local.result()
-                metrics.update(local_max_abs=loc.max_abs, local_rel_l2=loc.rel_l2)
+                row.local_max_abs, row.local_rel_l2 = loc.max_abs, loc.rel_l2
             before = previous.get(pair.tower)
-            metrics["growth"] = acc.rel_l2 / before if before else float("nan")
+            row.growth = acc.rel_l2 / before if before else float("nan")
             previous[pair.tower] = max(acc.rel_l2, 1e-12)
-            status = layer_status(acc.rel_l2, metrics["local_rel_l2"], metrics["growth"], acc.max_abs,
-                                  tolerances)
-        row.update(metrics, status=status)
+            row.status = layer_status(acc.rel_l2, row.local_rel_l2, row.growth, acc.max_abs, tolerances)
         rows.append(row)
     return rows
 
 
 def layer_status(rel_l2: float, local_rel_l2: float, growth: float, max_abs: float = 0.0,
-                 tolerances: Tolerances = FLOAT32) -> str:
+                 tolerances: Tolerances = FLOAT32) -> Status:
     tol = tolerances
     if rel_l2 != rel_l2 or max_abs != max_abs:  # NaN: one side computed no number where the other did
-        return "diverged"
+        return Status.DIVERGED
     if local_rel_l2 == local_rel_l2 and local_rel_l2 > tol.local_rel_l2:  # measured (not NaN) and over
-        return "diverged"
+        return Status.DIVERGED
     if rel_l2 > tol.accumulated_rel_l2:
         unexplained = local_rel_l2 != local_rel_l2 and growth == growth and growth > tol.fault_growth
-        return "diverged" if unexplained else "amplified"
-    return "amplified" if max_abs > tol.amplified_max_abs else "ok"
+        return Status.DIVERGED if unexplained else Status.AMPLIFIED
+    return Status.AMPLIFIED if max_abs > tol.amplified_max_abs else Status.OK

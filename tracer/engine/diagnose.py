@@ -26,8 +26,9 @@ import numpy as np
 
 from tracer.engine.compare import (ACCUMULATED_REL_L2, LOCAL_REL_L2, divergence, local_output, nhwc_to_nchw,
                                    to_keras_layout)
-from tracer.engine.hint import Hint, classes, set_hints
+from tracer.engine.hint import Hint
 from tracer.engine.record import output_layout
+from tracer.engine.row import LayerRow, Status
 from tracer.engine.sensitivity import amplified_hint
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,10 @@ class Context:
     """What the checkers share: the pairs indexed several ways, the mapping, the parity and a cache."""
 
     pairs: list
-    rows: list[dict]
+    rows: list[LayerRow]
     entries: list
     parity: object
-    by_row: dict = field(default_factory=dict)  # (tower, keras path, torch path) -> Pair
+    by_row: LayerRow = field(default_factory=dict)  # (tower, keras path, torch path) -> Pair
     by_torch_path: dict = field(default_factory=dict)
     entry_of_parameter: dict = field(default_factory=dict)
     entry_of_variable: dict = field(default_factory=dict)
@@ -90,8 +91,8 @@ class Context:
         ctx.entry_of_variable = {e.variable: e for e in ctx.entries}
         return ctx
 
-    def pair_of(self, row: dict):
-        return self.by_row.get(_key(row["tower"], row["keras_layer"], row["hf_module"]))
+    def pair_of(self, row: LayerRow):
+        return self.by_row.get(_key(row.tower, row.keras_layer, row.hf_module))
 
     def keras_variables(self) -> dict:
         """name -> tf.Variable for every Keras layer the recording saw (read lazily, once)."""
@@ -112,7 +113,7 @@ class Context:
         """The part's outputs miss their tolerance, or one of its layers diverged."""
         if self.parity is not None and self.parity.off(tower):
             return True
-        return any(r["tower"] == tower and r["status"] == "diverged" for r in self.rows)
+        return any(r.tower == tower and r.diverged for r in self.rows)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -155,8 +156,8 @@ def _parameter(tensor):
     return torch.nn.Parameter(tensor.detach().clone(), requires_grad=False)
 
 
-def _as_of(row: dict) -> str:
-    return _fmt(row.get("local_rel_l2", float("nan")))
+def _as_of(row: LayerRow) -> str:
+    return _fmt(row.local_rel_l2)
 
 
 def _own_tensors(module) -> dict:
@@ -537,7 +538,7 @@ def _shift_fit(pair, local: np.ndarray) -> tuple[tuple[int, int], float] | None:
 
 def _unpaired_pads(ctx: Context, pair, row) -> str | None:
     """Unpaired pad layers of the same block whose spatial sizes differ: the shape off by one."""
-    key = ("unpaired pads", pair.tower, row["block"])
+    key = ("unpaired pads", pair.tower, row.block)
     if key in ctx.cache:
         return ctx.cache[key]
     keras_pads, torch_pads = [], []
@@ -545,7 +546,7 @@ def _unpaired_pads(ctx: Context, pair, row) -> str | None:
         r = p.keras or p.torch
         if p.tower != pair.tower or p.paired or r.kind != "pad" or len(r.shape) != 4:
             continue
-        if ctx.block_of(p) == row["block"]:
+        if ctx.block_of(p) == row.block:
             (keras_pads if p.keras else torch_pads).append(r)
     found = None
     for k, t in zip(keras_pads, torch_pads):
@@ -583,9 +584,9 @@ def check_padding(pair, row, ctx: Context) -> str | None:
                 evidence.append("; ".join(named) + f": re-running with Keras' padding fits (local rel_l2 {_fmt(err)}, "
                                 f"as converted {_as_of(row)})")
         weights = pair.torch_weights if pair.fused else pair.torch  # Conv2D(activation=...): torch's conv
-        if not evidence and row["status"] == "diverged" and weights.kind in ("conv", "depthwise"):
+        if not evidence and row.diverged and weights.kind in ("conv", "depthwise"):
             evidence += filter(None, [_same_padding(pair, weights, row)])
-        if not evidence and row["status"] == "diverged" and weights.kind in ("conv", "depthwise", "pad"):
+        if not evidence and row.diverged and weights.kind in ("conv", "depthwise", "pad"):
             shift = _shift_fit(pair, local_output(pair))
             if shift is not None:
                 (dy, dx), err = shift
@@ -799,7 +800,7 @@ def _pixels_evidence(ctx: Context) -> str | None:
 @row_checker("preprocessing")
 def check_preprocessing(pair, row, ctx: Context) -> str | None:
     """The first vision layer is off by an affine map: fit a, b between what HF's and Keras' first layers received."""
-    if pair.tower != _image_part(ctx) or (id(row) not in ctx.entry_rows and row["order"] != 0):
+    if pair.tower != _image_part(ctx) or (id(row) not in ctx.entry_rows and row.order != 0):
         return None
     return _pixels_evidence(ctx)
 
@@ -884,7 +885,7 @@ def check_mapping(pair, row, ctx: Context) -> str | None:
 
 def _fallback(pair, row, ctx: Context) -> Hint:
     """A targeted row no checker explains: say what is known."""
-    if row["status"] == "diverged":
+    if row.diverged:
         return Hint("unexplained", f"local rel_l2 {_as_of(row)}: none of the checks "
                                    f"({', '.join(c.name for c in CHECKERS)}) fits it")
     if amplified := amplified_hint(row):  # the reference itself moves that much: nothing upstream to blame
@@ -903,7 +904,7 @@ def _fallback(pair, row, ctx: Context) -> Hint:
                         f"{'x'.join(map(str, r.shape))}")
     where = f": unpaired before it: {', '.join(upstream[::-1])}" if upstream else ""
     return Hint("upstream", f"its own computation matches (local rel_l2 {_as_of(row)}) but its input already "
-                            f"differs (accumulated rel_l2 {_fmt(row.get('rel_l2', float('nan')))}): the error "
+                            f"differs (accumulated rel_l2 {_fmt(row.rel_l2)}): the error "
                             f"enters before it{where}")
 
 
@@ -916,65 +917,65 @@ def _computes_nothing(record) -> bool:
     return record.is_container or (record.kind in _PASS_THROUGH and not record.variables)
 
 
-def target_rows(rows: list[dict], tower_off: Callable[[str], bool]) -> tuple[list[dict], set[int]]:
+def target_rows(rows: list[LayerRow], tower_off: Callable[[str], bool]) -> tuple[list[LayerRow], set[int]]:
     """Rows to explain: every locally diverged row, and each off tower's first row over tolerance (where its error
     enters); returns them and the id()s of the latter."""
     first: dict[str, dict] = {}
     for row in rows:
-        if row["tower"] not in first and row["status"] != "ok" and row.get("rel_l2", 0) > ACCUMULATED_REL_L2:
-            first[row["tower"]] = row
+        if row.tower not in first and row.status != Status.OK and row.rel_l2 > ACCUMULATED_REL_L2:
+            first[row.tower] = row
     entry = {id(row) for tower, row in first.items() if tower_off(tower)}
-    return [r for r in rows if r["status"] == "diverged" or id(r) in entry], entry
+    return [r for r in rows if r.diverged or id(r) in entry], entry
 
 
-def suspect(row: dict) -> bool:
+def suspect(row: LayerRow) -> bool:
     """Within the local tolerance but over SUSPECT_LOCAL: worth the activation check."""
-    local = row.get("local_rel_l2", float("nan"))
-    return row["status"] != "diverged" and SUSPECT_LOCAL < local <= LOCAL_REL_L2
+    local = row.local_rel_l2
+    return not row.diverged and SUSPECT_LOCAL < local <= LOCAL_REL_L2
 
 
-def _targets(ctx: Context) -> list[dict]:
+def _targets(ctx: Context) -> list[LayerRow]:
     targets, entry = target_rows(ctx.rows, ctx.tower_off)
     ctx.entry_rows.update(entry)
     return targets
 
 
-def _diverged_inside(pair, done: list[tuple[dict, object]]):
+def _diverged_inside(pair, done: list[tuple[LayerRow, object]]):
     """The first diverged row inside this container pair, already hinted (rows come in post-order), or None."""
     if pair is None or pair.torch is None or not pair.torch.is_container:
         return None
     prefix = pair.torch.path + "."
     for row, p in done:
-        if row["status"] == "diverged" and p is not None and p.torch is not None and p.torch.path.startswith(prefix):
+        if row.diverged and p is not None and p.torch is not None and p.torch.path.startswith(prefix):
             return row
     return None
 
 
-def diagnose(pairs, rows: list[dict], entries, parity, block_of: Callable | None = None) -> list[Hint]:
+def diagnose(pairs, rows: list[LayerRow], entries, parity, block_of: Callable | None = None) -> list[Hint]:
     """Give `hints` to the rows that diverge (and to where an off part's error enters); return run-level hints.
     `parity` answers `off(part)` (its outputs miss their tolerance); `block_of` is the rows' block function."""
     for row in rows:
-        set_hints(row, [])
+        row.hints = []
     ctx = Context.build(pairs, rows, entries, parity, block_of)
     run_hints = [h for c in RUN_CHECKERS if (h := c(ctx, where=" (run)"))]
-    done: list[tuple[dict, object]] = []
+    done: list[tuple[LayerRow, object]] = []
     for row in _targets(ctx):
         pair = ctx.pair_of(row)
         inner = _diverged_inside(pair, done)
         if inner is not None:
-            named = ", ".join(dict.fromkeys(classes(inner))) or "no known cause"
-            found = [Hint("within", f"`{inner['hf_module']}` inside it diverges ({named}): see that row")]
+            named = ", ".join(dict.fromkeys(inner.hint_classes)) or "no known cause"
+            found = [Hint("within", f"`{inner.hf_module}` inside it diverges ({named}): see that row")]
         elif pair is None:
             found = [Hint("unexplained", f"local rel_l2 {_as_of(row)}: no recorded pair to re-run")]
         else:
-            found = [h for c in CHECKERS if (h := c(pair, row, ctx, where=f" on {row['hf_module']}"))]
+            found = [h for c in CHECKERS if (h := c(pair, row, ctx, where=f" on {row.hf_module}"))]
             found = found or [_fallback(pair, row, ctx)]
-        set_hints(row, found)
+        row.hints = found
         done.append((row, pair))
     _sub_tolerance_activations(ctx)
     for row in rows:  # amplified rows the reference's own sensitivity accounts for say so
-        if not row["hints"] and (amplified := amplified_hint(row)):
-            set_hints(row, [amplified])
+        if not row.hints and (amplified := amplified_hint(row)):
+            row.hints = [amplified]
     return run_hints
 
 
@@ -984,6 +985,6 @@ def _sub_tolerance_activations(ctx: Context) -> None:
     activation = next(c for c in CHECKERS if c.name == "activation")
     for row in filter(suspect, ctx.rows):
         pair = ctx.pair_of(row)
-        if pair is not None and (hint := activation(pair, row, ctx, where=f" on {row['hf_module']}")):
-            row["status"] = "diverged"
-            set_hints(row, [hint])
+        if pair is not None and (hint := activation(pair, row, ctx, where=f" on {row.hf_module}")):
+            row.status = Status.DIVERGED
+            row.hints = [hint]

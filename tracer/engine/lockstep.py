@@ -15,6 +15,7 @@ from typing import Callable
 
 from tracer.errors import ConversionError
 from tracer.engine.record import Record
+from tracer.engine.row import LayerRow
 
 
 class _Aborted(Exception):
@@ -174,7 +175,7 @@ def final_pairs(pairs, keras_records, torch_records, measured_by_probe_pair: dic
     return out
 
 
-def needed_for_diagnosis(rows: list[dict], pairs, off: bool, window: int = 30) -> dict[str, set[int]]:
+def needed_for_diagnosis(rows: list[LayerRow], pairs, off: bool, window: int = 30) -> dict[str, set[int]]:
     """Record orders whose arrays the diagnosis needs, per side: around each row it explains (its block's members
     before it, the pads after it) and the first layers (the preprocessing check). `off`: the outputs miss their
     tolerance."""
@@ -182,9 +183,9 @@ def needed_for_diagnosis(rows: list[dict], pairs, off: bool, window: int = 30) -
 
     needed: dict[str, set[int]] = {"keras": set(range(4)), "torch": set(range(4))}
     by_path = {(p.keras.path if p.keras else "", p.torch.path if p.torch else ""): p for p in pairs}
-    targets, _ = target_rows(rows, lambda part: off or any(r["status"] == "diverged" for r in rows))
+    targets, _ = target_rows(rows, lambda part: off or any(r.diverged for r in rows))
     for row in targets[:10] + [r for r in rows if suspect(r)][:10]:
-        pair = by_path.get((row["keras_layer"], row["hf_module"]))
+        pair = by_path.get((row.keras_layer, row.hf_module))
         for side, record in (("keras", pair.keras if pair else None), ("torch", pair.torch if pair else None)):
             if record is not None:
                 needed[side].update(range(max(0, record.order - window), record.order + 4))

@@ -10,11 +10,12 @@ import pandas as pd
 from tracer.engine.compare import FLOAT32, Tolerances
 from tracer.engine.outputs import Outputs
 from tracer.engine.transfer import Coverage
+from tracer.engine.row import LayerRow
 
 
 @dataclass
 class Run:
-    rows: list[dict]  # one per paired (or unpaired, computing) layer, the columns of layers.csv
+    rows: list[LayerRow]  # one per paired (or unpaired, computing) layer, the columns of layers.csv
     pairs: list  # the layer pairs (`pairing.Pair`), with their records
     entries: list  # the weight mapping (`mapping.Entry`)
     outputs: Outputs  # the models' outputs paired and compared

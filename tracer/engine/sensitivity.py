@@ -24,6 +24,7 @@ import numpy as np
 
 from tracer.engine.compare import ACCUMULATED_REL_L2, Sums, as_float, max_abs
 from tracer.engine.hint import Hint
+from tracer.engine.row import LayerRow, Status
 
 SEED = 0
 # "Of the same size": the port's error at most this many times the reference's own under a one-ulp input change.
@@ -88,20 +89,14 @@ def merge(into: dict[str, Sums], more: dict[str, Sums]) -> dict[str, Sums]:
     return into
 
 
-ROW_COLUMNS = ("reference_sensitivity", "reference_sensitivity_max_abs")
-
-
-def annotate(rows: list[dict], sums: dict) -> None:
-    """Set the `ROW_COLUMNS` of the rows whose (tower, Keras layer) `sums` holds (rel L2 and max|Δ| of the Keras
-    layer against itself on the perturbed input); NaN on the others that have none yet."""
+def annotate(rows: list[LayerRow], sums: dict) -> None:
+    """Set `reference_sensitivity` (and its max|Δ|) of the rows whose (tower, Keras layer) `sums` holds: the Keras
+    layer against itself on the perturbed input. The others keep theirs (NaN until measured)."""
     for row in rows:
-        s = sums.get((row["tower"], row.get("keras_layer") or ""))
+        s = sums.get((row.tower, row.keras_layer or ""))
         if s is not None:
             d = s.result()
-            row["reference_sensitivity"], row["reference_sensitivity_max_abs"] = d.rel_l2, d.max_abs
-        else:
-            for column in ROW_COLUMNS:
-                row.setdefault(column, float("nan"))
+            row.reference_sensitivity, row.reference_sensitivity_max_abs = d.rel_l2, d.max_abs
 
 
 def explained(error: float, sensitivity: float) -> bool:
@@ -110,19 +105,19 @@ def explained(error: float, sensitivity: float) -> bool:
     return sensitivity > 0 and error <= SAME_SIZE * sensitivity
 
 
-def row_explained(row: dict) -> bool:
-    return explained(as_float(row.get("rel_l2")), as_float(row.get("reference_sensitivity")))
+def row_explained(row: LayerRow) -> bool:
+    return explained(as_float(row.rel_l2), as_float(row.reference_sensitivity))
 
 
 def over_tolerance(row: dict, accumulated: float = ACCUMULATED_REL_L2) -> bool:
     """The row's accumulated error exceeds `accumulated` (the run's `Tolerances.accumulated_rel_l2`)."""
-    return not as_float(row.get("rel_l2")) <= accumulated  # NaN is over
+    return not as_float(row.rel_l2) <= accumulated  # NaN is over
 
 
-def wanted(rows: list[dict], off: bool, accumulated: float = ACCUMULATED_REL_L2) -> bool:
+def wanted(rows: list[LayerRow], off: bool, accumulated: float = ACCUMULATED_REL_L2) -> bool:
     """Whether the sensitivity is worth a second reference run: no layer diverges locally, and the outputs miss
     tolerance (`off`) or a row exceeds the accumulated tolerance."""
-    if any(r.get("status") == "diverged" for r in rows):
+    if any(r.diverged for r in rows):
         return False
     return off or any(over_tolerance(r, accumulated) for r in rows)
 
@@ -157,17 +152,17 @@ def part(name: str, keras: np.ndarray, hf: np.ndarray, perturbed: np.ndarray, to
     return PartSensitivity(name, max_abs(keras, hf), max_abs(keras, perturbed), tolerance, tower)
 
 
-def breakdown(rows: list[dict], accumulated: float = ACCUMULATED_REL_L2) -> dict | None:
+def breakdown(rows: list[LayerRow], accumulated: float = ACCUMULATED_REL_L2) -> dict | None:
     """Where the conditioning breaks down: the first row where the reference itself moves by more than the
     accumulated tolerance under round-off of its input."""
-    row = next((r for r in rows if as_float(r.get("reference_sensitivity")) > accumulated), None)
+    row = next((r for r in rows if as_float(r.reference_sensitivity) > accumulated), None)
     return _where(row) if row is not None else None
 
 
 @dataclass
 class Sensitivity:
     """The reference's own sensitivity on a run: per output (`parts`), and where it breaks down; the per-row
-    figures are in the rows (`ROW_COLUMNS`)."""
+    figures are in the rows (`LayerRow.reference_sensitivity`)."""
 
     parts: list[PartSensitivity]
     breakdown: dict | None = None
@@ -175,33 +170,33 @@ class Sensitivity:
     perturbation: str = "one ulp per input element, random sign (seed 0)"
     accumulated: float = ACCUMULATED_REL_L2  # the run's accumulated tolerance (`Tolerances.accumulated_rel_l2`)
 
-    def unexplained(self, rows: list[dict]) -> list[dict]:
+    def unexplained(self, rows: list[LayerRow]) -> list[LayerRow]:
         """The rows over the accumulated tolerance, in the towers of the missed outputs, that the reference's
         own sensitivity does not account for."""
         towers = {p.tower for p in self.parts if p.missed}
-        return [r for r in rows if ("" in towers or r["tower"] in towers) and over_tolerance(r, self.accumulated)
+        return [r for r in rows if ("" in towers or r.tower in towers) and over_tolerance(r, self.accumulated)
                 and not row_explained(r)]
 
-    def as_dict(self, rows: list[dict] | None = None) -> dict:
+    def as_dict(self, rows: list[LayerRow] | None = None) -> dict:
         out = {"parts": [p.as_dict() for p in self.parts], "breakdown": self.breakdown, "factor": self.factor,
                "perturbation": self.perturbation}
         if rows is not None:
             left = self.unexplained(rows)
-            out["rows_measured"] = sum(math.isfinite(as_float(r.get("reference_sensitivity"))) for r in rows)
+            out["rows_measured"] = sum(math.isfinite(as_float(r.reference_sensitivity)) for r in rows)
             out["rows_over_tolerance"] = sum(over_tolerance(r, self.accumulated) for r in rows)
             out["rows_unexplained"] = len(left)
             out["first_unexplained"] = _where(left[0]) if left else None
         return out
 
 
-def rule(rows: list[dict], sensitivity: Sensitivity | None) -> bool:
+def rule(rows: list[LayerRow], sensitivity: Sensitivity | None) -> bool:
     """The verdict rule: the run is `ill-conditioned` (a match) when no layer diverges (locally, or by a jump where
     no local error is measured), an output misses its tolerance, and every missed output is within `SAME_SIZE` of
     what the reference itself moves by there. The outputs decide, not the rows: a single perturbation's
     per-layer figures scatter (a saturated gate moves little itself yet passes on what reaches it), so rows
     above the factor are reported (`Sensitivity.unexplained`) but do not overrule the outputs. A fault shows
     in a layer's own error (the local re-run) or, where none is measured, as a jump: both make a row diverged."""
-    if sensitivity is None or any(r.get("status") == "diverged" for r in rows):
+    if sensitivity is None or any(r.diverged for r in rows):
         return False
     missed = [p for p in sensitivity.parts if p.missed]
     return bool(missed) and all(p.explained for p in missed)
@@ -218,17 +213,17 @@ def explanation(sensitivity: Sensitivity) -> str:
             f"this model; no end-to-end tolerance means anything on it")
 
 
-def amplified_hint(row: dict) -> Hint | None:
+def amplified_hint(row: LayerRow) -> Hint | None:
     """The hint of an amplified row the reference's sensitivity explains, or None."""
-    if row.get("status") != "amplified" or not row_explained(row):
+    if row.status != Status.AMPLIFIED or not row_explained(row):
         return None
-    moves, moves_abs = as_float(row["reference_sensitivity"]), as_float(row["reference_sensitivity_max_abs"])
+    moves, moves_abs = as_float(row.reference_sensitivity), as_float(row.reference_sensitivity_max_abs)
     return Hint("amplified", f"amplified round-off: the original model itself moves by rel_l2 {moves:.2e} (max|Δ| "
                              f"{moves_abs:.2e}) here under round-off of its input; the port's accumulated rel_l2 "
-                             f"{as_float(row['rel_l2']):.2e} is of that size")
+                             f"{as_float(row.rel_l2):.2e} is of that size")
 
 
-def _where(row: dict) -> dict:
+def _where(row: LayerRow) -> dict:
     keys = ("tower", "order", "block", "keras_layer", "hf_module", "rel_l2", "max_abs", "reference_sensitivity",
             "reference_sensitivity_max_abs")
-    return {k: row.get(k) for k in keys}
+    return {k: getattr(row, k) for k in keys}

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tracer.engine.mapping import CONFLICT_COLUMNS
+from tracer.engine.row import LayerRow
 from tracer.engine.report.schema import (
     FILES, _fmt, _float, _text, _towers, block_rows, blocks_frame, layers_frame, mapping_frame, mapping_rows,
     summary,
@@ -130,30 +131,30 @@ def _block_table(blocks: list[dict], tolerances: dict, fault: dict | None) -> st
     return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _layer_table(rows: list[dict], tolerances: dict, fault: dict | None) -> str:
+def _layer_table(rows: list[LayerRow], tolerances: dict, fault: dict | None) -> str:
     tol_l, tol_a = tolerances["local_rel_l2"], tolerances["accumulated_rel_l2"]
-    hints = any(_text(r.get("hint")) for r in rows)
+    hints = any(_text(r.hint) for r in rows)
     head = ("<tr><th>#</th><th>block</th><th>Keras layer</th><th>HF module</th><th>shape</th><th>status</th>"
             "<th>local rel L2</th><th>accum. rel L2</th><th>accum. max|Δ|</th><th>cosine</th><th>growth</th>"
             "<th>ref. sensitivity</th>"
             f"<th>source</th>{'<th>hint</th>' if hints else ''}</tr>")
     body = []
     for r in rows:
-        first = fault is not None and fault.get("order") == r.get("order")
-        hint_cell = f'<td class=hint>{esc(r.get("hint"))}</td>' if hints else ""
-        shape = _text(r.get("keras_shape"))
-        if _text(r.get("hf_shape")) and _text(r.get("hf_shape")) != shape:
-            shape = f"{shape} / {_text(r.get('hf_shape'))}"
+        first = fault is not None and fault.get("order") == r.order
+        hint_cell = f'<td class=hint>{esc(r.hint)}</td>' if hints else ""
+        shape = _text(r.keras_shape)
+        if _text(r.hf_shape) and _text(r.hf_shape) != shape:
+            shape = f"{shape} / {_text(r.hf_shape)}"
         body.append(
-            f'<tr{" class=first-fault" if first else ""}><td class="num">{esc(r.get("order"))}</td>'
-            f'<td>{esc(r.get("block"))}</td>'
-            f'<td class="path mono">{_path(short_name(_text(r.get("keras_layer"))))} '
-            f'<span class="meta">{esc(r.get("keras_class"))}</span></td>'
-            f'<td class="path mono">{_path(r.get("hf_module"))} <span class="meta">{esc(r.get("hf_class"))}</span></td>'
-            f'<td class="mono">{esc(shape)}</td><td>{_badge(_text(r.get("status")))}</td>'
-            f'{_num(r.get("local_rel_l2"), tol=tol_l)}{_num(r.get("rel_l2"), tol=tol_a)}{_num(r.get("max_abs"))}'
-            f'{_num(r.get("cosine"), ".7f")}{_num(r.get("growth"), ".3g")}{_num(r.get("reference_sensitivity"))}'
-            f'<td>{esc(r.get("mapping_source"))}</td>{hint_cell}</tr>')
+            f'<tr{" class=first-fault" if first else ""}><td class="num">{esc(r.order)}</td>'
+            f'<td>{esc(r.block)}</td>'
+            f'<td class="path mono">{_path(short_name(_text(r.keras_layer)))} '
+            f'<span class="meta">{esc(r.keras_class)}</span></td>'
+            f'<td class="path mono">{_path(r.hf_module)} <span class="meta">{esc(r.hf_class)}</span></td>'
+            f'<td class="mono">{esc(shape)}</td><td>{_badge(_text(r.status))}</td>'
+            f'{_num(r.local_rel_l2, tol=tol_l)}{_num(r.rel_l2, tol=tol_a)}{_num(r.max_abs)}'
+            f'{_num(r.cosine, ".7f")}{_num(r.growth, ".3g")}{_num(r.reference_sensitivity)}'
+            f'<td>{esc(r.mapping_source)}</td>{hint_cell}</tr>')
     return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -276,7 +277,7 @@ def render_html(result, data: dict | None = None) -> str:
     out.append(_fault_box(data["first_local_divergence"], data["first_accumulated_divergence"]))
     # towers
     for tower in _towers(rows):
-        members = [r for r in rows if r["tower"] == tower]
+        members = [r for r in rows if r.tower == tower]
         info = data["towers"][tower]
         fault = info["first_local_divergence"]
         marked = fault or info["first_accumulated_divergence"]

@@ -6,6 +6,7 @@ import math
 
 from tracer.engine.report.page import esc, short_name
 from tracer.engine.report.schema import _float, _fmt, _text
+from tracer.engine.row import LayerRow
 
 
 def _sci(value: float) -> str:
@@ -15,7 +16,7 @@ def _sci(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def divergence_plot(rows: list[dict], tolerances: dict, fault: dict | None, title: str = "",
+def divergence_plot(rows: list[LayerRow], tolerances: dict, fault: dict | None, title: str = "",
                     accumulated_only: bool = False) -> str:
     """Accumulated and local rel-L2 over layer order (log scale), blocks as bands, tolerance line(s), the first
     fault marked (`accumulated_only`: the marked row is only the first over the accumulated tolerance).
@@ -25,7 +26,7 @@ def divergence_plot(rows: list[dict], tolerances: dict, fault: dict | None, titl
     pw, ph = W - left - right, H - top - bottom
     n = len(rows)
     tol_local, tol_acc = tolerances["local_rel_l2"], tolerances["accumulated_rel_l2"]
-    values = [_float(r.get(k)) for r in rows for k in ("rel_l2", "local_rel_l2")]
+    values = [_float(getattr(r, k)) for r in rows for k in ("rel_l2", "local_rel_l2")]
     positive = [v for v in values if math.isfinite(v) and v > 0]
     lo = math.floor(math.log10(min(positive + [tol_local, tol_acc])) - 0.25) - (0 if positive else 1)
     hi = max(math.ceil(math.log10(max(positive + [tol_local, tol_acc]))),
@@ -49,7 +50,7 @@ def divergence_plot(rows: list[dict], tolerances: dict, fault: dict | None, titl
     # block bands
     runs: list[tuple[str, int, int]] = []
     for i, r in enumerate(rows):
-        block = _text(r.get("block"))
+        block = _text(r.block)
         if runs and runs[-1][0] == block:
             runs[-1] = (block, runs[-1][1], i)
         else:
@@ -58,7 +59,7 @@ def divergence_plot(rows: list[dict], tolerances: dict, fault: dict | None, titl
     last_label_end = -1e9
     for k, (block, a, b) in enumerate(runs):
         bx, bw = left + a * step, (b - a + 1) * step
-        statuses = {_text(r.get("status")) for r in rows[a:b + 1]}
+        statuses = {_text(r.status) for r in rows[a:b + 1]}
         if "diverged" in statuses:
             fill = "#ffe3e0" if k % 2 else "#fff3f1"
         else:
@@ -101,7 +102,7 @@ def divergence_plot(rows: list[dict], tolerances: dict, fault: dict | None, titl
                      f'{esc(label)} {esc(_sci(tol))}</text>')
     # first fault
     if fault is not None:
-        fi = next((i for i, r in enumerate(rows) if r.get("order") == fault.get("order")), None)
+        fi = next((i for i, r in enumerate(rows) if r.order == fault.get("order")), None)
         if fi is not None:
             fx = x(fi)
             name = short_name(_text(fault.get("keras_layer")) or _text(fault.get("hf_module")))
@@ -118,7 +119,7 @@ def divergence_plot(rows: list[dict], tolerances: dict, fault: dict | None, titl
     segment: list[str] = []
     lines = []
     for i, r in enumerate(rows):
-        v = _float(r.get("rel_l2"))
+        v = _float(r.rel_l2)
         if math.isfinite(v):
             segment.append(f"{x(i):.1f},{y(v):.1f}")
         elif segment:
@@ -136,12 +137,12 @@ def divergence_plot(rows: list[dict], tolerances: dict, fault: dict | None, titl
     # local points + tooltips
     r_pt = 3.2 if n <= 200 else 2.2
     for i, r in enumerate(rows):
-        v, acc = _float(r.get("local_rel_l2")), _float(r.get("rel_l2"))
-        status = _text(r.get("status"))
-        tip = (f"#{r.get('order')} {_text(r.get('keras_layer'))} → {_text(r.get('hf_module'))} [{status}]\n"
+        v, acc = _float(r.local_rel_l2), _float(r.rel_l2)
+        status = _text(r.status)
+        tip = (f"#{r.order} {_text(r.keras_layer)} → {_text(r.hf_module)} [{status}]\n"
                f"accumulated rel L2 {_fmt(acc)}, local rel L2 {_fmt(v)}")
-        if _text(r.get("hint")):
-            tip += f"\nhint: {_text(r.get('hint'))}"
+        if _text(r.hint):
+            tip += f"\nhint: {_text(r.hint)}"
         if math.isfinite(v):
             colour = "#cf222e" if status == "diverged" else "#e16f24"
             radius = r_pt + 1.3 if status == "diverged" else r_pt

@@ -13,12 +13,9 @@ import pandas as pd
 
 from tracer.engine import compare
 from tracer.engine.mapping import CONFLICT_COLUMNS, conflict_columns
+from tracer.engine.row import COLUMNS, LayerRow, Status
 
-LAYER_COLUMNS = [
-    "tower", "order", "block", "keras_layer", "keras_class", "hf_module", "hf_class", "keras_shape", "hf_shape",
-    "max_abs", "mean_abs", "rel_l2", "cosine", "local_max_abs", "local_rel_l2", "growth",
-    "reference_sensitivity", "reference_sensitivity_max_abs", "status", "weights", "mapping_source", "hint",
-]
+LAYER_COLUMNS = COLUMNS
 BLOCK_COLUMNS = [
     "tower", "block", "block_order", "first_order", "last_order", "layers", "status",
     "max_abs", "rel_l2", "local_max_abs", "local_rel_l2", "diverged", "amplified", "unpaired",
@@ -37,7 +34,7 @@ SUMMARY_KEYS = [
 ]
 DIVERGENCE_KEYS = ["tower", "order", "block", "keras_layer", "hf_module", "status", "max_abs", "rel_l2",
                    "local_max_abs", "local_rel_l2", "hint"]
-STATUSES = ["ok", "amplified", "diverged", "unpaired"]
+STATUSES = [s.value for s in Status]
 STATUS_RANK = {"ok": 0, "unpaired": 1, "amplified": 2, "diverged": 3}
 MAPPING_SOURCES = ["table", "inferred", "numeric", "file"]
 FILES = ["layers.csv", "blocks.csv", "mapping.csv", "summary.json", "report.html"]
@@ -54,10 +51,6 @@ def default_run_name(checkpoint_path: str) -> str:
 _float = compare.as_float
 
 
-def _finite(value) -> bool:
-    return math.isfinite(_float(value))
-
-
 def _worst(values) -> float:
     finite = [v for v in map(_float, values) if math.isfinite(v)]
     return max(finite) if finite else float("nan")
@@ -69,8 +62,8 @@ def _text(value) -> str:
     return str(value)
 
 
-def _towers(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["tower"] for r in rows))
+def _towers(rows: list[LayerRow]) -> list[str]:
+    return list(dict.fromkeys(r.tower for r in rows))
 
 
 def _tolerances(parity=None, tolerances: compare.Tolerances = compare.FLOAT32) -> dict:
@@ -99,44 +92,41 @@ def _jsonable(value):
 
 
 # ------------------------------------------------------------------------------------------------ frames
-def layers_frame(rows: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=LAYER_COLUMNS)
-    for column in ("weights", "mapping_source", "hint"):
-        frame[column] = frame[column].fillna("")
-    return frame
+def layers_frame(rows: list[LayerRow]) -> pd.DataFrame:
+    return pd.DataFrame([r.record() for r in rows], columns=LAYER_COLUMNS)
 
 
-def block_rows(rows: list[dict]) -> list[dict]:
+def block_rows(rows: list[LayerRow]) -> list[dict]:
     """One row per (tower, block) in order of first appearance, aggregated as `BLOCK_COLUMNS` documents."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["tower"], row.get("block") or ""), []).append(row)
+        groups.setdefault((row.tower, row.block or ""), []).append(row)
     out, per_tower = [], Counter()
     for (tower, block), members in groups.items():
-        statuses = Counter(r.get("status", "") for r in members)
-        diverged = [r for r in members if r.get("status") == "diverged"]
-        hints = [_text(r.get("hint")) for r in (diverged or members)]
-        hints = [h for h in hints if h] or [h for h in (_text(r.get("hint")) for r in members) if h]
-        orders = [int(r["order"]) for r in members]
+        statuses = Counter(r.status for r in members)
+        diverged = [r for r in members if r.diverged]
+        hints = [_text(r.hint) for r in (diverged or members)]
+        hints = [h for h in hints if h] or [h for h in (_text(r.hint) for r in members) if h]
+        orders = [int(r.order) for r in members]
         out.append({
             "tower": tower, "block": block, "block_order": per_tower[tower],
             "first_order": min(orders), "last_order": max(orders), "layers": len(members),
-            "status": max((r.get("status", "ok") for r in members), key=lambda s: STATUS_RANK.get(s, 0)),
-            "max_abs": _worst(r.get("max_abs") for r in members),
-            "rel_l2": _worst(r.get("rel_l2") for r in members),
-            "local_max_abs": _worst(r.get("local_max_abs") for r in members),
-            "local_rel_l2": _worst(r.get("local_rel_l2") for r in members),
+            "status": max((r.status for r in members), key=lambda s: STATUS_RANK.get(s, 0)),
+            "max_abs": _worst(r.max_abs for r in members),
+            "rel_l2": _worst(r.rel_l2 for r in members),
+            "local_max_abs": _worst(r.local_max_abs for r in members),
+            "local_rel_l2": _worst(r.local_rel_l2 for r in members),
             "diverged": statuses.get("diverged", 0), "amplified": statuses.get("amplified", 0),
             "unpaired": statuses.get("unpaired", 0),
-            "first_diverged_keras_layer": diverged[0]["keras_layer"] if diverged else "",
-            "first_diverged_hf_module": diverged[0]["hf_module"] if diverged else "",
+            "first_diverged_keras_layer": diverged[0].keras_layer if diverged else "",
+            "first_diverged_hf_module": diverged[0].hf_module if diverged else "",
             "hint": hints[0] if hints else "",
         })
         per_tower[tower] += 1
     return out
 
 
-def blocks_frame(rows: list[dict]) -> pd.DataFrame:
+def blocks_frame(rows: list[LayerRow]) -> pd.DataFrame:
     return pd.DataFrame(block_rows(rows), columns=BLOCK_COLUMNS)
 
 
@@ -162,26 +152,24 @@ def mapping_frame(entries) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def _local_fault(row: dict, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
-    local = _float(row.get("local_rel_l2"))
+def _local_fault(row: LayerRow, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
+    local = _float(row.local_rel_l2)
     if math.isfinite(local) and local > tolerances.local_rel_l2:
         return True
-    return row.get("status") == "diverged"  # also a sub-tolerance activation fault (diagnose.SUSPECT_LOCAL)
+    return row.diverged  # also a sub-tolerance activation fault (diagnose.SUSPECT_LOCAL)
 
 
-def _accumulated_fault(row: dict, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
-    return _float(row.get("rel_l2")) > tolerances.accumulated_rel_l2
+def _accumulated_fault(row: LayerRow, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
+    return _float(row.rel_l2) > tolerances.accumulated_rel_l2
 
 
-def _divergence(row: dict | None) -> dict | None:
+def _divergence(row: LayerRow | None) -> dict | None:
     if row is None:
         return None
-    out = {k: row.get(k) for k in DIVERGENCE_KEYS}
-    out["hint"] = _text(out["hint"])
-    return _jsonable(out)
+    return _jsonable({k: getattr(row, k) for k in DIVERGENCE_KEYS})
 
 
-def first_divergences(rows: list[dict], tolerances: compare.Tolerances = compare.FLOAT32
+def first_divergences(rows: list[LayerRow], tolerances: compare.Tolerances = compare.FLOAT32
                       ) -> tuple[dict | None, dict | None]:
     """(first row over the local tolerance, first row over the accumulated tolerance), as rows; `tolerances`:
     the run's set (its precision's)."""
@@ -190,12 +178,12 @@ def first_divergences(rows: list[dict], tolerances: compare.Tolerances = compare
     return local, accumulated
 
 
-def _statuses(rows: list[dict]) -> dict:
-    counts = Counter(r.get("status", "") for r in rows)
+def _statuses(rows: list[LayerRow]) -> dict:
+    counts = Counter(r.status for r in rows)
     return {**{s: counts.get(s, 0) for s in STATUSES}, **{s: n for s, n in counts.items() if s not in STATUSES}}
 
 
-def verdict(rows: list[dict], parity, sensitivity=None) -> tuple[str, list[str]]:
+def verdict(rows: list[LayerRow], parity, sensitivity=None) -> tuple[str, list[str]]:
     """`match`, `ill-conditioned` or `diverged`, and why: diverged layers, then what the outputs' comparison
     (`parity.reasons()`) finds; `ill-conditioned` where the reference's own `sensitivity` explains the missed
     outputs and rows over tolerance (`sensitivity.rule`; never a diverged layer or a temperature not carried
@@ -203,7 +191,7 @@ def verdict(rows: list[dict], parity, sensitivity=None) -> tuple[str, list[str]]
     from tracer.engine import sensitivity as conditioning
 
     reasons = []
-    diverged = sum(r.get("status") == "diverged" for r in rows)
+    diverged = sum(r.diverged for r in rows)
     if diverged:
         reasons.append(f"{diverged} layer(s) diverged")
     reasons += parity.reasons()
@@ -227,12 +215,12 @@ def summary(result, checkpoint_path: str) -> dict:
     local, accumulated = first_divergences(rows, tolerances)
     towers = {}
     for tower in _towers(rows):
-        members = [r for r in rows if r["tower"] == tower]
+        members = [r for r in rows if r.tower == tower]
         t_local, t_acc = first_divergences(members, tolerances)
         towers[tower] = {
             "layers": len(members), "layer_statuses": _statuses(members),
             "first_local_divergence": _divergence(t_local), "first_accumulated_divergence": _divergence(t_acc),
-            "final_rel_l2": _float(members[-1].get("rel_l2")),
+            "final_rel_l2": _float(members[-1].rel_l2),
         }
     sources = Counter(e.source for e in entries)
     spec = getattr(result, "spec", None)

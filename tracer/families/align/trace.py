@@ -31,6 +31,7 @@ from tracer.engine.sensitivity import Sensitivity
 from tracer.families.align.towers import FEATURES, TOWERS, largest_output, tower_of
 from tracer.engine.numeric import rest_to_copy
 from tracer.engine.transfer import Coverage, coverage_of, transfer
+from tracer.engine.row import LayerRow
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Traced:
     keras_out: dict | None = None
     hf_out: dict | None = None
     pairs: list = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)
+    rows: list[LayerRow] = field(default_factory=list)
     parts: list = field(default_factory=list)  # per tower, its output's `sensitivity.PartSensitivity`
     sensitivity: Sensitivity | None = None  # measured when an output or a row missed and no layer diverged
 
@@ -222,7 +223,7 @@ def _trace_tower(tower, keras, read, writer, shapes, spec, table, mode, hf_model
             perturbed = with_embeds({name: perturbed})[embeds_name]
             part = conditioning.part(embeds_name, embeds["keras"], embeds["hf"], perturbed, tolerances.embeds_max_abs,
                                      tower)
-    if needed is not None and (off or any(r["status"] == "diverged" for r in rows)):
+    if needed is not None and (off or any(r.diverged for r in rows)):
         with stage(f"capture {tower} for diagnosis", timings):
             needed = needed_for_diagnosis(rows, tower_pairs, off)
             keras_records, torch_records, _ = _lockstep(
@@ -313,9 +314,9 @@ def _lockstep(keras, hf_model, chunk, tower, pairs, paired, keras_probe, torch_p
     return keras_records, torch_records, {"keras": np.array(last_keras["output"]), "hf": hf_features[FEATURES[tower]]}
 
 
-def mark_mismatches(entries: list[Entry], rows: list[dict]) -> None:
+def mark_mismatches(entries: list[Entry], rows: list[LayerRow]) -> None:
     """A `confirmed` entry whose layer's own output does not match is not confirmed: mark it `mismatch`."""
-    faulty = {v.split(" -> ")[0] for r in rows if r["status"] == "diverged" for v in r["weights"].split("; ") if v}
+    faulty = {v.split(" -> ")[0] for r in rows if r.diverged for v in r.weights.split("; ") if v}
     for e in entries:
         if e.status == "confirmed" and e.variable in faulty:
             e.status = "mismatch"
