@@ -27,7 +27,7 @@ from tracer.output import preflight, write_file_atomically, write_folder_atomica
 from tracer.progress import stage
 from tracer.families.align.rules import ALIGN_RULES
 from tracer.families.align.spec import AlignSpec, derive_spec
-from tracer.families.align.trace import trace
+from tracer.families.align.trace import AlignRun, trace
 from tracer.engine.transfer import Coverage, transfer
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
 
     traced = None
     if options.trace:
-        traced = trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings, keras=keras)
+        traced = trace(AlignRun(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings, keras=keras))
         weight_map, coverage, reference, hf_out = traced.weight_map, traced.coverage, traced.keras_out, traced.hf_out
         against = "keras"
         if options.mapping_out:
