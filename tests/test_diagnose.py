@@ -51,7 +51,7 @@ def good(tiny_bundle):
     from tracer.families.align.inputs import IMAGE_SIZE, build_processor, default_vocab_file
     from tracer.engine.mapping import map_by_rules
     from tracer.pipeline import ConvertOptions, load_inputs
-    from tracer.families.align.trace import trace
+    from tracer.families.align.trace import AlignRun, trace
     from tracer.families.align.rules import ALIGN_RULES
     from tracer.families.align.spec import derive_spec
 
@@ -64,7 +64,7 @@ def good(tiny_bundle):
     inputs = load_inputs(options, build_processor(default_vocab_file(), IMAGE_SIZE, options.seq_length), spec)
     config = hf_side.align_config(spec)
     model = hf_side.build_empty(config)
-    traced = trace(checkpoint, shapes, spec, table, "auto", model, inputs, options, {}, keep_activations=True)
+    traced = trace(AlignRun(checkpoint, shapes, spec, table, "auto", model, inputs, options, {}, keep_activations=True))
     temperature = float(checkpoint.read(spec.temperature_name))
     values = {n: checkpoint.read(n) for n in shapes}
     checkpoint.close()

@@ -186,10 +186,10 @@ class Capture:
         lockstep, trace, local_output, add = (tracer.families.align.trace._lockstep, tracer.pipeline.trace, compare.local_output,
                                               compare.Measured.add)
 
-        def counted_lockstep(keras, hf_model, chunk, tower, *args, **kwargs):
-            if kwargs.get("keep") is None:  # the diagnosis' capture pass passes `keep`; the chunks do not
-                self.chunks.append((tower, chunk.count(tower)))
-            return lockstep(keras, hf_model, chunk, tower, *args, **kwargs)
+        def counted_lockstep(run, probed, chunk, *args, **kwargs):
+            if not callable(kwargs.get("keep")):  # the diagnosis' capture pass keeps by order; the chunks do not
+                self.chunks.append((probed.tower, chunk.count(probed.tower)))
+            return lockstep(run, probed, chunk, *args, **kwargs)
 
         def kept_trace(*args, **kwargs):
             self.traced = trace(*args, **kwargs)

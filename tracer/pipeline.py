@@ -1,7 +1,8 @@
-"""The conversion, stage by stage: checkpoint -> spec -> mapping -> models -> transfer -> compare -> save.
+"""The ALIGN conversion, stage by stage: checkpoint -> spec -> mapping -> models -> transfer -> compare -> save.
 
-Each stage is a plain function of the modules beside this one; this file only orders them, times them and
-decides what to do with their results.
+Each stage (`stages.STAGES`: read, build, copy, compare, report, check, save) is a function of one
+`AlignConversion` that calls the modules beside this one; this file only orders them, times them and decides
+what to do with their results. `convert(stop_after=...)` stops after a stage and returns the state.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from tracer.families.align.parity import Parity, compare_embeddings, with_embeds
 from tracer.errors import BadInputError, ConversionError, ParityError, PushError
 from tracer.families.align.inputs import (IMAGE_SIZE, Inputs, build_processor, default_inputs, default_vocab_file,
                                           inputs_from_images_and_texts, inputs_from_npz)
-from tracer.engine.mapping import Entry, map_by_file, map_by_rules, read_mapping, write_mapping
+from tracer.engine.mapping import Entry, map_by_rules, write_mapping
 from tracer.memory import trim
 from tracer.output import preflight, write_file_atomically, write_folder_atomically
 from tracer.progress import stage
+from tracer.stages import (Conversion, mapping_mode, read_table, report_path, run_stages, save_and_push,
+                           write_mapping_out)
 from tracer.families.align.rules import ALIGN_RULES
 from tracer.families.align.spec import AlignSpec, derive_spec
-from tracer.families.align.trace import trace
+from tracer.families.align.trace import AlignRun, trace
 from tracer.engine.transfer import Coverage, transfer
 from tracer.engine.row import LayerRow
 
@@ -174,121 +177,157 @@ def save_verified(model, processor, destination: Path, overwrite: bool, timings:
     return saved, checked["model"], checked["tensors"]
 
 
-def _mode(options: ConvertOptions) -> str:
-    mode = options.mapping or ("auto" if options.trace else "table")
-    if mode not in ("table", "infer", "auto"):
-        raise BadInputError(f"--mapping must be table, infer or auto, not {mode!r}")
-    if mode != "table" and not options.trace:
-        raise BadInputError(f"--mapping {mode} infers from a trace: add --trace")
-    if mode == "infer" and options.mapping_file:
-        raise BadInputError("--mapping infer uses no table: drop --mapping_file, or use --mapping auto")
-    return mode
+@dataclass
+class AlignConversion(Conversion):
+    """An ALIGN conversion's state between its stages (`stages.STAGES`); `convert(stop_after=...)` returns it."""
+
+    keras: object = None  # with --trace, where the Keras reference runs (`keras_side.KerasProcess`), or None
+    tolerances: Tolerances = FLOAT32
+    inputs: Inputs | None = None
+    traced: object = None  # `trace.Traced`, with --trace
+    weight_map: object = None  # `mapping.WeightMap` in use
+    hf_out: dict | None = None  # the HF model's features and embeddings on the inputs
+    reference: dict | None = None  # what they are compared with: the Keras model's, the given references or None
+    against: str = "none"  # keras | reference | none
+
+    @property
+    def atol(self) -> float:
+        return self.tolerances.embeds_max_abs
 
 
-def convert(options: ConvertOptions, keras=None) -> ConversionResult:
+def convert(options: ConvertOptions, keras=None, stop_after: str | None = None):
     """`keras`: with `--trace`, where the Keras reference runs (a `keras_side.KerasProcess` the caller started
-    before importing torch); by default in this process."""
-    timings: dict[str, float] = {}
-    mode = _mode(options)
-    tolerances = Tolerances.for_run(options.float64, options.atol)
-    atol = tolerances.embeds_max_abs
-    preflight(options)  # output folders and files, before any heavy work
-    destination = Path(options.pytorch_dump_folder_path)
-    save = options.save_model or options.push_to_hub  # a push uploads the saved, reloaded and checked folder
-    if options.push_to_hub and (problem := hub_problem()):
-        logger.warning("the push will fail after the model is saved to %s: %s", destination, problem)
+    before importing torch); by default in this process. Returns the `ConversionResult`, or with `stop_after` (a
+    stage name, `stages.STAGES`) the `AlignConversion` right after that stage."""
+    stages = {"read": _read, "build": _build, "copy": _copy, "compare": _compare, "report": _report, "check": _check,
+              "save": _save}
+    return run_stages(AlignConversion(options, keras=keras), stages, stop_after)
 
-    with stage("read checkpoint", timings):
-        checkpoint = open_checkpoint(options.checkpoint_path)
-        shapes = checkpoint.shapes()
+
+def _read(s: AlignConversion) -> None:
+    """The run's checks, then the checkpoint: its weights, the spec derived from their shapes, the mapping table."""
+    options = s.options
+    s.mode = mapping_mode(options)
+    s.tolerances = Tolerances.for_run(options.float64, options.atol)
+    preflight(options)  # output folders and files, before any heavy work
+    if options.push_to_hub and (problem := hub_problem()):
+        logger.warning("the push will fail after the model is saved to %s: %s",
+                       Path(options.pytorch_dump_folder_path), problem)
+
+    with stage("read checkpoint", s.timings):
+        s.checkpoint = checkpoint = open_checkpoint(options.checkpoint_path)
+        s.shapes = shapes = checkpoint.shapes()
         logger.info(
             "%s: %d weights, %d optimizer/metric variables set aside",
             options.checkpoint_path, len(shapes), len(checkpoint.set_aside),
         )
-        spec = derive_spec(shapes, image_size=options.image_size or IMAGE_SIZE, seq_length=options.seq_length)
+        s.spec = spec = derive_spec(shapes, image_size=options.image_size or IMAGE_SIZE, seq_length=options.seq_length)
         logger.info("derived: EfficientNet width %s depth %s (%d blocks), BERT %d×%d, projection %d",
                     spec.vision.width_coefficient, spec.vision.depth_coefficient, spec.vision.num_blocks,
                     spec.text.num_layers, spec.text.hidden_size, spec.embed_dim)
-        table = None
-        if options.mapping_file:
-            table = map_by_file(shapes, read_mapping(options.mapping_file))
-            if table.stray:
-                logger.warning("%d mapping file entries name variables this checkpoint does not have (ignored): %s",
-                               len(table.stray), table.stray[:10])
-        elif mode != "infer":
-            table = map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index())
+        s.table = table = read_table(options, s.mode, shapes,
+                                     lambda: map_by_rules(shapes, ALIGN_RULES, spec.vision.block_index()))
+        if options.mapping_file and table.stray:
+            logger.warning("%d mapping file entries name variables this checkpoint does not have (ignored): %s",
+                           len(table.stray), table.stray[:10])
 
-    with stage("prepare inputs", timings):
-        processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size or IMAGE_SIZE,
-                                    options.seq_length)
-        inputs = load_inputs(options, processor, spec)
 
-    with stage("build HF model", timings):
-        config = hf_side.align_config(spec)
+def _build(s: AlignConversion) -> None:
+    """The processor and the inputs, the empty HF model (float64 with --float64)."""
+    options = s.options
+    with stage("prepare inputs", s.timings):
+        s.processor = build_processor(options.vocab_file or default_vocab_file(), options.image_size or IMAGE_SIZE,
+                                      options.seq_length)
+        s.inputs = load_inputs(options, s.processor, s.spec)
+
+    with stage("build HF model", s.timings):
+        config = hf_side.align_config(s.spec)
         hf_side.override_config(config, options.hf_config)
-        hf_model = hf_side.build_empty(config)
+        s.hf_model = hf_side.build_empty(config)
         if options.float64:  # on the meta device: the weights arrive cast to float64
             from tracer.engine.precision import to_float64
 
-            hf_model = to_float64(hf_model)
+            s.hf_model = to_float64(s.hf_model)
 
-    traced = None
+
+def _copy(s: AlignConversion) -> None:
+    """With --trace, the traced run (`trace.trace`: mapped, copied and compared tower by tower); without, the
+    table's weights straight from the checkpoint. Then --mapping_out."""
+    options = s.options
     if options.trace:
-        traced = trace(checkpoint, shapes, spec, table, mode, hf_model, inputs, options, timings, keras=keras)
-        weight_map, coverage, reference, hf_out = traced.weight_map, traced.coverage, traced.keras_out, traced.hf_out
-        against = "keras"
-        if options.mapping_out:
-            write_mapping_file(weight_map.entries, options.mapping_out)
-        if coverage is None:
+        s.traced = traced = trace(AlignRun(s.checkpoint, s.shapes, s.spec, s.table, s.mode, s.hf_model, s.inputs,
+                                           options, s.timings, keras=s.keras))
+        s.weight_map, s.coverage, s.reference, s.hf_out = traced.weight_map, traced.coverage, traced.keras_out, \
+            traced.hf_out
+        s.against = "keras"
+        write_mapping_out(options, s.weight_map.entries)
+        if s.coverage is None:
             raise ConversionError(
                 f"{len(traced.unmapped)} checkpoint weight(s) have no place in AlignModel: {traced.unmapped[:20]}; "
                 "the checkpoint holds weights the ALIGN architecture does not (is it a coyo-align ALIGN "
                 "checkpoint?), or map them explicitly in a --mapping_file")
     else:  # no Keras model: the weights straight from the checkpoint, the outputs against the given references
-        weight_map = table
-        with stage("copy weights", timings):
-            coverage = transfer(checkpoint.read, list(shapes), weight_map, hf_model,
-                                allow_nonfinite=options.allow_nonfinite, target="AlignModel",
-                                source="coyo-align ALIGN")
-        if options.mapping_out:
-            write_mapping_file(weight_map.entries, options.mapping_out)
-        with stage("run HF", timings):
-            hf_out = hf_embed(hf_model, inputs)
-        reference = {k: inputs.reference[k] for k in ("image_embeds", "text_embeds")} if all(
+        s.weight_map = s.table
+        with stage("copy weights", s.timings):
+            s.coverage = transfer(s.checkpoint.read, list(s.shapes), s.weight_map, s.hf_model,
+                                  allow_nonfinite=options.allow_nonfinite, target="AlignModel",
+                                  source="coyo-align ALIGN")
+        write_mapping_out(options, s.weight_map.entries)
+    s.entries = s.weight_map.entries
+
+
+def _compare(s: AlignConversion) -> None:
+    """Without --trace, the HF model run and compared with the given reference outputs (if any); the temperature
+    carried over; the embeddings' parity; the result. The checkpoint is closed."""
+    options, inputs, hf_model, traced = s.options, s.inputs, s.hf_model, s.traced
+    if not options.trace:
+        with stage("run HF", s.timings):
+            s.hf_out = hf_embed(hf_model, inputs)
+        s.reference = {k: inputs.reference[k] for k in ("image_embeds", "text_embeds")} if all(
             k in inputs.reference for k in ("image_embeds", "text_embeds")) else None
-        against = "reference" if reference else "none"
-        if reference is None:
+        s.against = "reference" if s.reference else "none"
+        if s.reference is None:
             logger.warning("the converted model's outputs were not compared with the original's: give --inputs "
                            "with reference outputs, or run with --trace to compare it with the Keras model layer "
                            "by layer")
-    temperature = float(checkpoint.read(spec.temperature_name))
+    temperature = float(s.checkpoint.read(s.spec.temperature_name))
     hf_model.config.temperature_init_value = temperature
-    parity = compare_embeddings(reference, hf_out, temperature, float(hf_model.temperature.detach()), atol, against)
-    result = ConversionResult(spec, weight_map.entries, coverage, parity, len(checkpoint.set_aside), timings,
-                              model=hf_model, rows=traced.rows if traced else [], tolerances=tolerances,
-                              sensitivity=traced.sensitivity if traced else None)
-    result.reference_max_abs = {k: max_abs(v, hf_out[k]) for k, v in inputs.reference.items() if k in hf_out}
-    checkpoint.close()
-    if options.trace:
-        with stage("diagnose", timings):
-            from tracer.engine.diagnose import diagnose
+    s.parity = compare_embeddings(s.reference, s.hf_out, temperature, float(hf_model.temperature.detach()), s.atol,
+                                  s.against)
+    s.result = result = ConversionResult(s.spec, s.entries, s.coverage, s.parity, len(s.checkpoint.set_aside),
+                                         s.timings, model=hf_model, rows=traced.rows if traced else [],
+                                         tolerances=s.tolerances, sensitivity=traced.sensitivity if traced else None)
+    result.reference_max_abs = {k: max_abs(v, s.hf_out[k]) for k, v in inputs.reference.items() if k in s.hf_out}
+    s.close()
 
-            result.hints = diagnose(traced.pairs, traced.rows, weight_map.entries, parity,
-                                    align_blocks(spec.vision.block_names()))
-        with stage("report", timings):
-            from tracer.engine.report import default_run_name, write_report
 
-            where = options.report_dir or Path("reports") / default_run_name(options.checkpoint_path)
-            result.report = write_report(result, where, options.checkpoint_path)
-        unresolved = [c for c in traced.conflicts if not c.resolved]
-        if unresolved:  # the table as given, now that the report shows what it does
-            from tracer.family_pipeline import conflict_message
+def _report(s: AlignConversion) -> None:
+    """With --trace: the cause hints, the report; then conflicts the table kept fail the run."""
+    options, traced, result = s.options, s.traced, s.result
+    if not options.trace:
+        return
+    with stage("diagnose", s.timings):
+        from tracer.engine.diagnose import diagnose
 
-            raise ConversionError(conflict_message(unresolved, result.report, options.mapping_file))
-    nothing = " Nothing was saved." if save else ""
+        result.hints = diagnose(traced.pairs, traced.rows, s.entries, s.parity,
+                                align_blocks(s.spec.vision.block_names()))
+    with stage("report", s.timings):
+        from tracer.engine.report import write_report
+
+        result.report = write_report(result, report_path(options), options.checkpoint_path)
+    unresolved = [c for c in traced.conflicts if not c.resolved]
+    if unresolved:  # the table as given, now that the report shows what it does
+        from tracer.family_pipeline import conflict_message
+
+        raise ConversionError(conflict_message(unresolved, result.report, options.mapping_file))
+
+
+def _check(s: AlignConversion) -> None:
+    """The verdict: a miss of the Keras model (or of the reference outputs given) fails the run."""
     from tracer.engine.report import verdict
     from tracer.engine.sensitivity import VERDICT
 
+    options, result, parity, atol, nothing = s.options, s.result, s.parity, s.atol, s.nothing_saved
     conditioned = verdict(result.rows, parity, result.sensitivity)[0] == VERDICT
     if conditioned:
         logger.warning("the outputs miss atol %g by what the original model itself moves under float32 round-off "
@@ -310,24 +349,13 @@ def convert(options: ConvertOptions, keras=None) -> ConversionResult:
     off = {k: v for k, v in result.reference_max_abs.items() if k.endswith("embeds") and not v <= ref_atol}
     if off:
         raise ParityError(f"the converted model matches the Keras reference but not the reference outputs in "
-                          f"{inputs.source}: {off} (atol {ref_atol:g}); those outputs were computed from other "
-                          f"weights or other inputs, or the reference model differs from the original.{nothing}", result)
+                          f"{s.inputs.source}: {off} (atol {ref_atol:g}); those outputs were computed from other "
+                          f"weights or other inputs, or the reference model differs from the original.{nothing}",
+                          result)
 
-    if save:
-        from tracer.family_pipeline import model_card
 
-        card = model_card(options, "align", spec, result)
-        result.model = None
-        if options.float64:  # a float64 trace checks the conversion; the model is the checkpoint's float32
-            from tracer.engine.precision import to_float32
-
-            hf_model = to_float32(hf_model)
-        result.saved_to, result.model, result.reload_checked = save_verified(
-            hf_model, processor, destination, options.overwrite, timings, options.max_shard_size, card=card)
-    if options.push_to_hub:
-        with stage("push to hub", timings):
-            result.pushed_to = push(result.saved_to, options)
-    return result
+def _save(s: AlignConversion) -> None:
+    save_and_push(s, "align", s.hf_model)
 
 
 def write_mapping_file(entries: list[Entry], path: str) -> Path:
