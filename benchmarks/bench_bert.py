@@ -32,7 +32,6 @@ import io
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,10 @@ SEQ_LENGTH = 32
 # ------------------------------------------------------------------------------------------ the children
 
 def _rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    """Peak RSS of this process (`tracer.memory.peak_rss_mb`, read without importing tracer: the old side has
+    none)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1)
 
 
 def _inputs(path: str):

@@ -136,17 +136,19 @@ def child(mode: str, checkpoint: str, inputs_file: str) -> None:
             measured = run_baseline(checkpoint, inputs_file, out)
         else:
             measured = run_tracer(checkpoint, inputs_file, out, trace=(mode == "trace"))
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    from tracer.memory import peak_rss_mb
+
     # A traced run's Keras worker process, joined by now (its CPU time is among the children's): its peak, as it
     # reported it, is added to ours: an upper bound of the pair's peak (they need not peak at once; the shared
-    # ring counts in both). Not RUSAGE_CHILDREN's maxrss: a child started by fork/vfork and exec (libraries run
-    # helpers like `ldconfig`) inherits its parent's peak at that moment.
+    # ring counts in both). Peaks are VmHWM (`peak_rss_mb`), not ru_maxrss: Linux carries that across exec, so
+    # a child of a parent that had peaked (writing the demo checkpoint, say) would report the parent's peak.
+    own = peak_rss_mb()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     measured.setdefault("worker_peak_rss_mb", 0.0)
-    measured.update(tensorflow_imported="tensorflow" in sys.modules, own_peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
+    measured.update(tensorflow_imported="tensorflow" in sys.modules, own_peak_rss_mb=round(own, 1))
     measured.update(mode=mode, wall_s=round(time.perf_counter() - wall0, 2),
                     cpu_s=round(time.process_time() - cpu0 + children.ru_utime + children.ru_stime, 2),
-                    peak_rss_mb=round(usage.ru_maxrss / 1024 + measured["worker_peak_rss_mb"], 1))
+                    peak_rss_mb=round(own + measured["worker_peak_rss_mb"], 1))
     print("RESULT " + json.dumps(measured))
 
 

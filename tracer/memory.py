@@ -1,4 +1,4 @@
-"""Give freed memory back to the operating system, so that peak RSS follows what is alive.
+"""Give freed memory back to the operating system, so that peak RSS follows what is alive; and read that peak.
 
 glibc keeps freed blocks below its (dynamic, up to 32 MiB) mmap threshold in the heap; after a whole Keras tower
 and hundreds of activations are freed, `trim()` returns those pages. A no-op where glibc is not the allocator.
@@ -26,3 +26,18 @@ def trim() -> None:
     malloc_trim = _malloc_trim()
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set, in MB: Linux's VmHWM, which starts afresh at exec. Not `ru_maxrss`, which
+    Linux carries across exec: a process started by one that had peaked reports the parent's peak as its own."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

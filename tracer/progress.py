@@ -29,7 +29,6 @@ def stage(name: str, timings: dict[str, float] | None = None):
         timings[name] = timings.get(name, 0.0) + elapsed
     logger.info("%s: %.2f s", name, elapsed)
     if logger.isEnabledFor(logging.DEBUG):
-        import resource  # ru_maxrss is in KiB on Linux
+        from tracer.memory import peak_rss_mb
 
-        logger.debug("%s: peak RSS of this process so far %.0f MB", name,
-                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        logger.debug("%s: peak RSS of this process so far %.0f MB", name, peak_rss_mb())

@@ -210,7 +210,7 @@ class KerasProcess:
                 while self._conn.poll(5):  # what is still in the pipe, then its peak memory
                     kind, payload = self._conn.recv()
                     if kind == "stopped":
-                        self.peak_rss_mb = payload / 1024  # ru_maxrss: KiB on Linux
+                        self.peak_rss_mb = payload
                         logger.debug("the Keras worker's peak RSS: %.0f MB", self.peak_rss_mb)
                         break
             except (OSError, EOFError):
@@ -465,9 +465,9 @@ def _serve(conn, checkpoint_path: str, image_size: int, seq_length: int, float64
         except (EOFError, OSError):
             return  # the parent is gone
         if kind == "stop":
-            import resource
+            from tracer.memory import peak_rss_mb
 
-            conn.send(("stopped", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+            conn.send(("stopped", peak_rss_mb()))
             return
         try:
             if early is not None:

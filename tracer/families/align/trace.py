@@ -94,7 +94,7 @@ class AlignRun:
     conflicts: list = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
     pairs: list = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)
+    rows: list[LayerRow] = field(default_factory=list)
     parts: list = field(default_factory=list)
     features: dict = field(default_factory=lambda: {"keras": {}, "hf": {}})
 
