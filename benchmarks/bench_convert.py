@@ -1,6 +1,7 @@
 """Benchmark: tracer's plain and traced conversion against the original converter's procedure, same run.
 
     python benchmarks/bench_convert.py                 # ALIGN-base demo checkpoint (written once to demo/base)
+    python benchmarks/bench_convert.py --repeats 3     # three interleaved rounds, the median of each mode
     python benchmarks/bench_convert.py --size small    # a quick look
     python benchmarks/bench_convert.py --modes trace --batch 8   # the activation budget at batch 8
 
@@ -172,6 +173,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="run on this many images and texts (the demo's inputs repeated, with their reference "
                              "outputs); default: the demo's own 2")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every mode, interleaved (so drift hits each alike); the median wall is kept")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", default=None, help=argparse.SUPPRESS)
@@ -190,17 +193,23 @@ def main() -> int:
         inputs_file = _repeated_inputs(inputs_file, args.batch)
     if args.budget:
         os.environ["TRACER_BENCH_BUDGET_MB"] = str(args.budget)
-    results = {}
-    for mode in args.modes.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", checkpoint,
-                               "--inputs", inputs_file], capture_output=True, text=True, cwd=ROOT)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"mode {mode} failed ({proc.returncode})")
-        results[mode] = json.loads(line[0][len("RESULT "):])
-        print(f"{mode:8s} wall {results[mode]['wall_s']:7.1f} s  cpu {results[mode]['cpu_s']:7.1f} s  "
-              f"peak RSS {results[mode]['peak_rss_mb']:8.0f} MB  phases {results[mode]['timings']}")
+    from bench_bert import median_of  # this folder's: the run with the median wall, every run's beside it
+
+    modes = args.modes.split(",")
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", checkpoint,
+                                   "--inputs", inputs_file], capture_output=True, text=True, cwd=ROOT)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"mode {mode} failed ({proc.returncode})")
+            run = json.loads(line[0][len("RESULT "):])
+            runs[mode].append(run)
+            print(f"{mode:8s} wall {run['wall_s']:7.1f} s  cpu {run['cpu_s']:7.1f} s  "
+                  f"peak RSS {run['peak_rss_mb']:8.0f} MB  phases {run['timings']}", flush=True)
+    results = {mode: median_of(r) for mode, r in runs.items()}
 
     if "baseline" in results:
         base = results["baseline"]
@@ -214,7 +223,7 @@ def main() -> int:
                       f"{target['rss']}×, {'met' if rss <= target['rss'] else 'MISSED'})")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    stamp = {"size": args.size, "batch": args.batch or 2, "activation_budget_mb": args.budget or 512, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "modes": results}
+    stamp = {"size": args.size, "batch": args.batch or 2, "repeats": args.repeats, "activation_budget_mb": args.budget or 512, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "modes": results}
     name = f"convert-{args.size}" + (f"-batch{args.batch}" if args.batch else "") + \
         (f"-budget{args.budget:g}" if args.budget else "")
     (out / f"{name}.json").write_text(json.dumps(stamp, indent=2) + "\n")

@@ -187,3 +187,18 @@ def test_the_worker_goes_when_its_parent_is_killed(tiny_bundle):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the worker outlived its killed parent by 30 s")
+
+
+def test_the_worker_imports_neither_torch_nor_transformers(tiny_bundle):
+    """The worker's start is the traced run's critical path: TensorFlow's import and the vision build. torch's
+    import there (1.7 s, on a core the parent needs for its own) would only slow it."""
+    code = (
+        "import sys\n"
+        "from tracer.families.align.keras_side import _Worker\n"
+        f"worker = _Worker(None, {str(tiny_bundle / 'model-weights')!r}, {IMAGE_SIZE}, {SEQ_LENGTH})\n"
+        "worker.probe('vision'); worker.probe('text')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -5,15 +5,16 @@ tower every BERT sub-layer, the TFBertModel, then the projection Dense."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
-import torch
 
 from tracer.engine.record import Record, to_numpy
 from tracer.engine.record.keras import Recorder
-from tracer.engine.record.torch import recording
 from tracer.families.align.towers import TOWERS, tower_of
+
+if TYPE_CHECKING:  # the Keras worker records with this module and must not import torch (1.7 s on its start)
+    import torch
 
 
 def record_keras(model, inputs, keep_outputs: bool = True, sink: Callable[[Record], None] | None = None,
@@ -43,6 +44,7 @@ def record_torch(model: torch.nn.Module, inputs, keep_outputs: bool = True,
                  sink: Callable[[Record], None] | None = None, towers=TOWERS) -> tuple[list[Record], dict]:
     """One forward per tower, as `AlignModel.forward` computes them: records for the towers, and the towers'
     features (`image_features`, `text_features`, numpy) so no second forward is needed."""
+    from tracer.engine.record.torch import recording
     from tracer.families.align.hf import tower_features
 
     with recording(model, keep_outputs, sink, part_of=tower_of) as records:
