@@ -92,6 +92,8 @@ class Context:
         return ctx
 
     def pair_of(self, row: LayerRow):
+        """The row's pair among the diagnosis's own (a streamed run's capture pass, which kept the arrays; not
+        `row.pair`, measured without them)."""
         return self.by_row.get(_key(row.tower, row.keras_layer, row.hf_module))
 
     def keras_variables(self) -> dict:
