@@ -17,6 +17,7 @@ import numpy as np
 
 from tracer.engine import sensitivity as conditioning
 from tracer.engine.compare import Measured, Tolerances, layer_rows, max_abs, module_blocks, nhwc_to_nchw
+from tracer.engine.hint import Hint
 from tracer.engine.infer import infer_mapping, reconcile
 from tracer.engine.lockstep import Lockstep, final_pairs, needed_for_diagnosis
 from tracer.engine.mapping import Entry, WeightMap, map_by_file, read_mapping
@@ -340,7 +341,7 @@ def trace(keras_model, torch_model, inputs, *, torch_inputs=None, mapping="infer
                                                  max(1, step // 2), tol.accumulated_rel_l2)
             timings["reference sensitivity"] = time.perf_counter() - started - sum(timings.values())
 
-        hints: list[str] = []
+        hints: list[Hint] = []
         if diagnose and (not outputs.ok or any(r.diverged or suspect(r) for r in rows)):
             needed = needed_for_diagnosis(rows, final, not outputs.ok)
             keras_records, torch_records, _, _ = side.run(

@@ -33,6 +33,7 @@ from tracer.families.align.spec import AlignSpec, derive_spec
 from tracer.families.align.trace import AlignRun, trace
 from tracer.engine.transfer import Coverage, transfer
 from tracer.engine.row import LayerRow
+from tracer.engine.hint import Hint
 
 logger = logging.getLogger(__name__)
 DEFAULT_ACTIVATION_BUDGET_MB = 512
@@ -84,7 +85,7 @@ class ConversionResult:
     model: torch.nn.Module | None = field(default=None, repr=False)
     rows: list[LayerRow] = field(default_factory=list)  # per-layer divergence, when traced
     sensitivity: object = None  # `engine.sensitivity.Sensitivity`, when traced and measured
-    hints: list[str] = field(default_factory=list)  # run-level cause hints
+    hints: list[Hint] = field(default_factory=list)  # run-level cause hints
     report: Path | None = None
     pushed_to: str | None = None  # the hub repository, after --push_to_hub
     tolerances: Tolerances = FLOAT32  # the run's thresholds (its precision's)

@@ -9,6 +9,7 @@ import pandas as pd
 
 from tracer.engine.compare import FLOAT32, Tolerances
 from tracer.engine.outputs import Outputs
+from tracer.engine.hint import Hint
 from tracer.engine.transfer import Coverage
 from tracer.engine.row import LayerRow
 
@@ -19,7 +20,7 @@ class Run:
     pairs: list  # the layer pairs (`pairing.Pair`), with their records
     entries: list  # the weight mapping (`mapping.Entry`)
     outputs: Outputs  # the models' outputs paired and compared
-    hints: list[str] = field(default_factory=list)  # run-level cause hints
+    hints: list[Hint] = field(default_factory=list)  # run-level cause hints
     # Table entries the tracer's inference disagrees with (`mapping.Conflict`, measured): resolved ones were settled
     # by the numbers (`--mapping auto`), the others are in use as the table gives them.
     conflicts: list = field(default_factory=list)
