@@ -219,8 +219,8 @@ def _to_torch(array: np.ndarray, module_param_4d: bool):
 
     if array.dtype.kind in "iu":
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-    tensor = torch.from_numpy(np.asarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32))
-    return tensor.permute(0, 3, 1, 2) if tensor.ndim == 4 and module_param_4d else tensor
+    array = np.asarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+    return torch.from_numpy(nhwc_to_nchw(array) if module_param_4d else array)
 
 
 _PARAMETERS: dict = {}  # forward's function -> the names it takes

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tracer.engine.compare import divergence
+from tracer.engine.compare import divergence, to_keras_layout
 from tracer.engine.record import output_layout, to_numpy
 
 DEFAULT_OUTPUT_ATOL = 1e-4  # max|Δ| on an output: float32 round-off through a deep model stays well within it
@@ -117,8 +117,7 @@ def compare_outputs(keras_out: list[tuple[str, np.ndarray]], torch_out: list[tup
         j, t_name, t, layout = found
         used.add(j)
         start = 0 if by_name else j + 1
-        t_view = np.transpose(t, (0, 2, 3, 1)) if layout == "nchw" else t
-        d = divergence(k, t_view.reshape(k.shape))
+        d = divergence(k, to_keras_layout(t, k.shape, layout))
         pairs.append(OutputPair(k_name, t_name, tuple(k.shape), tuple(t.shape), atol_of(k_name), d.max_abs,
                                 d.rel_l2, d.cosine))
     torch_unpaired = [name for j, (name, _) in enumerate(torch_out) if j not in used]
