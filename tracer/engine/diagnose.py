@@ -69,7 +69,7 @@ class Context:
     rows: list[LayerRow]
     entries: list
     parity: object
-    by_row: LayerRow = field(default_factory=dict)  # (tower, keras path, torch path) -> Pair
+    by_row: dict = field(default_factory=dict)  # (tower, keras path, torch path) -> Pair
     by_torch_path: dict = field(default_factory=dict)
     entry_of_parameter: dict = field(default_factory=dict)
     entry_of_variable: dict = field(default_factory=dict)

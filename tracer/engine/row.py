@@ -7,7 +7,7 @@ layers.csv."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tracer.engine.hint import Hint
 
@@ -19,14 +19,6 @@ class Status(enum.StrEnum):
     AMPLIFIED = "amplified"  # over the accumulated tolerance, its own computation within the local one
     DIVERGED = "diverged"  # its own computation is off (or one side computed no number)
     UNPAIRED = "unpaired"  # a layer of one model only
-
-
-# layers.csv's columns, in order: every field but the pair, with the hints as text.
-COLUMNS = [
-    "tower", "order", "block", "keras_layer", "keras_class", "hf_module", "hf_class", "keras_shape", "hf_shape",
-    "max_abs", "mean_abs", "rel_l2", "cosine", "local_max_abs", "local_rel_l2", "growth",
-    "reference_sensitivity", "reference_sensitivity_max_abs", "status", "weights", "mapping_source", "hint",
-]
 
 
 @dataclass(eq=False)
@@ -70,3 +62,7 @@ class LayerRow:
     def record(self) -> dict:
         """Its layers.csv row (the status as plain text)."""
         return {**{c: getattr(self, c) for c in COLUMNS}, "status": str(self.status)}
+
+
+# layers.csv's columns, in field order: every field but the pair, the hints as their text.
+COLUMNS = ["hint" if f.name == "hints" else f.name for f in fields(LayerRow) if f.name != "pair"]

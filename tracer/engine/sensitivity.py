@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tracer.engine.compare import ACCUMULATED_REL_L2, Sums, as_float, max_abs
+from tracer.engine.compare import ACCUMULATED_REL_L2, Sums, max_abs
 from tracer.engine.hint import Hint
 from tracer.engine.row import LayerRow, Status
 
@@ -106,12 +106,12 @@ def explained(error: float, sensitivity: float) -> bool:
 
 
 def row_explained(row: LayerRow) -> bool:
-    return explained(as_float(row.rel_l2), as_float(row.reference_sensitivity))
+    return explained(row.rel_l2, row.reference_sensitivity)
 
 
 def over_tolerance(row: dict, accumulated: float = ACCUMULATED_REL_L2) -> bool:
     """The row's accumulated error exceeds `accumulated` (the run's `Tolerances.accumulated_rel_l2`)."""
-    return not as_float(row.rel_l2) <= accumulated  # NaN is over
+    return not row.rel_l2 <= accumulated  # NaN is over
 
 
 def wanted(rows: list[LayerRow], off: bool, accumulated: float = ACCUMULATED_REL_L2) -> bool:
@@ -155,7 +155,7 @@ def part(name: str, keras: np.ndarray, hf: np.ndarray, perturbed: np.ndarray, to
 def breakdown(rows: list[LayerRow], accumulated: float = ACCUMULATED_REL_L2) -> dict | None:
     """Where the conditioning breaks down: the first row where the reference itself moves by more than the
     accumulated tolerance under round-off of its input."""
-    row = next((r for r in rows if as_float(r.reference_sensitivity) > accumulated), None)
+    row = next((r for r in rows if r.reference_sensitivity > accumulated), None)
     return _where(row) if row is not None else None
 
 
@@ -182,7 +182,7 @@ class Sensitivity:
                "perturbation": self.perturbation}
         if rows is not None:
             left = self.unexplained(rows)
-            out["rows_measured"] = sum(math.isfinite(as_float(r.reference_sensitivity)) for r in rows)
+            out["rows_measured"] = sum(math.isfinite(r.reference_sensitivity) for r in rows)
             out["rows_over_tolerance"] = sum(over_tolerance(r, self.accumulated) for r in rows)
             out["rows_unexplained"] = len(left)
             out["first_unexplained"] = _where(left[0]) if left else None
@@ -217,10 +217,10 @@ def amplified_hint(row: LayerRow) -> Hint | None:
     """The hint of an amplified row the reference's sensitivity explains, or None."""
     if row.status != Status.AMPLIFIED or not row_explained(row):
         return None
-    moves, moves_abs = as_float(row.reference_sensitivity), as_float(row.reference_sensitivity_max_abs)
+    moves, moves_abs = row.reference_sensitivity, row.reference_sensitivity_max_abs
     return Hint("amplified", f"amplified round-off: the original model itself moves by rel_l2 {moves:.2e} (max|Δ| "
                              f"{moves_abs:.2e}) here under round-off of its input; the port's accumulated rel_l2 "
-                             f"{as_float(row.rel_l2):.2e} is of that size")
+                             f"{row.rel_l2:.2e} is of that size")
 
 
 def _where(row: LayerRow) -> dict:

@@ -133,7 +133,7 @@ def _block_table(blocks: list[dict], tolerances: dict, fault: dict | None) -> st
 
 def _layer_table(rows: list[LayerRow], tolerances: dict, fault: dict | None) -> str:
     tol_l, tol_a = tolerances["local_rel_l2"], tolerances["accumulated_rel_l2"]
-    hints = any(_text(r.hint) for r in rows)
+    hints = any(r.hint for r in rows)
     head = ("<tr><th>#</th><th>block</th><th>Keras layer</th><th>HF module</th><th>shape</th><th>status</th>"
             "<th>local rel L2</th><th>accum. rel L2</th><th>accum. max|Δ|</th><th>cosine</th><th>growth</th>"
             "<th>ref. sensitivity</th>"
@@ -142,16 +142,16 @@ def _layer_table(rows: list[LayerRow], tolerances: dict, fault: dict | None) -> 
     for r in rows:
         first = fault is not None and fault.get("order") == r.order
         hint_cell = f'<td class=hint>{esc(r.hint)}</td>' if hints else ""
-        shape = _text(r.keras_shape)
-        if _text(r.hf_shape) and _text(r.hf_shape) != shape:
-            shape = f"{shape} / {_text(r.hf_shape)}"
+        shape = r.keras_shape
+        if r.hf_shape and r.hf_shape != shape:
+            shape = f"{shape} / {r.hf_shape}"
         body.append(
             f'<tr{" class=first-fault" if first else ""}><td class="num">{esc(r.order)}</td>'
             f'<td>{esc(r.block)}</td>'
-            f'<td class="path mono">{_path(short_name(_text(r.keras_layer)))} '
+            f'<td class="path mono">{_path(short_name(r.keras_layer))} '
             f'<span class="meta">{esc(r.keras_class)}</span></td>'
             f'<td class="path mono">{_path(r.hf_module)} <span class="meta">{esc(r.hf_class)}</span></td>'
-            f'<td class="mono">{esc(shape)}</td><td>{_badge(_text(r.status))}</td>'
+            f'<td class="mono">{esc(shape)}</td><td>{_badge(str(r.status))}</td>'
             f'{_num(r.local_rel_l2, tol=tol_l)}{_num(r.rel_l2, tol=tol_a)}{_num(r.max_abs)}'
             f'{_num(r.cosine, ".7f")}{_num(r.growth, ".3g")}{_num(r.reference_sensitivity)}'
             f'<td>{esc(r.mapping_source)}</td>{hint_cell}</tr>')

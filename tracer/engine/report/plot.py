@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from tracer.engine.report.page import esc, short_name
-from tracer.engine.report.schema import _float, _fmt, _text
+from tracer.engine.report.schema import _fmt, _text
 from tracer.engine.row import LayerRow
 
 
@@ -26,7 +26,7 @@ def divergence_plot(rows: list[LayerRow], tolerances: dict, fault: dict | None, 
     pw, ph = W - left - right, H - top - bottom
     n = len(rows)
     tol_local, tol_acc = tolerances["local_rel_l2"], tolerances["accumulated_rel_l2"]
-    values = [_float(getattr(r, k)) for r in rows for k in ("rel_l2", "local_rel_l2")]
+    values = [getattr(r, k) for r in rows for k in ("rel_l2", "local_rel_l2")]
     positive = [v for v in values if math.isfinite(v) and v > 0]
     lo = math.floor(math.log10(min(positive + [tol_local, tol_acc])) - 0.25) - (0 if positive else 1)
     hi = max(math.ceil(math.log10(max(positive + [tol_local, tol_acc]))),
@@ -50,7 +50,7 @@ def divergence_plot(rows: list[LayerRow], tolerances: dict, fault: dict | None, 
     # block bands
     runs: list[tuple[str, int, int]] = []
     for i, r in enumerate(rows):
-        block = _text(r.block)
+        block = r.block
         if runs and runs[-1][0] == block:
             runs[-1] = (block, runs[-1][1], i)
         else:
@@ -59,7 +59,7 @@ def divergence_plot(rows: list[LayerRow], tolerances: dict, fault: dict | None, 
     last_label_end = -1e9
     for k, (block, a, b) in enumerate(runs):
         bx, bw = left + a * step, (b - a + 1) * step
-        statuses = {_text(r.status) for r in rows[a:b + 1]}
+        statuses = {str(r.status) for r in rows[a:b + 1]}
         if "diverged" in statuses:
             fill = "#ffe3e0" if k % 2 else "#fff3f1"
         else:
@@ -119,7 +119,7 @@ def divergence_plot(rows: list[LayerRow], tolerances: dict, fault: dict | None, 
     segment: list[str] = []
     lines = []
     for i, r in enumerate(rows):
-        v = _float(r.rel_l2)
+        v = r.rel_l2
         if math.isfinite(v):
             segment.append(f"{x(i):.1f},{y(v):.1f}")
         elif segment:
@@ -137,12 +137,12 @@ def divergence_plot(rows: list[LayerRow], tolerances: dict, fault: dict | None, 
     # local points + tooltips
     r_pt = 3.2 if n <= 200 else 2.2
     for i, r in enumerate(rows):
-        v, acc = _float(r.local_rel_l2), _float(r.rel_l2)
-        status = _text(r.status)
-        tip = (f"#{r.order} {_text(r.keras_layer)} → {_text(r.hf_module)} [{status}]\n"
+        v, acc = r.local_rel_l2, r.rel_l2
+        status = str(r.status)
+        tip = (f"#{r.order} {r.keras_layer} → {r.hf_module} [{status}]\n"
                f"accumulated rel L2 {_fmt(acc)}, local rel L2 {_fmt(v)}")
-        if _text(r.hint):
-            tip += f"\nhint: {_text(r.hint)}"
+        if r.hint:
+            tip += f"\nhint: {r.hint}"
         if math.isfinite(v):
             colour = "#cf222e" if status == "diverged" else "#e16f24"
             radius = r_pt + 1.3 if status == "diverged" else r_pt

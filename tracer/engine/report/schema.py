@@ -105,8 +105,7 @@ def block_rows(rows: list[LayerRow]) -> list[dict]:
     for (tower, block), members in groups.items():
         statuses = Counter(r.status for r in members)
         diverged = [r for r in members if r.diverged]
-        hints = [_text(r.hint) for r in (diverged or members)]
-        hints = [h for h in hints if h] or [h for h in (_text(r.hint) for r in members) if h]
+        hints = [r.hint for r in (diverged or members) if r.hint] or [r.hint for r in members if r.hint]
         orders = [int(r.order) for r in members]
         out.append({
             "tower": tower, "block": block, "block_order": per_tower[tower],
@@ -153,14 +152,14 @@ def mapping_frame(entries) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ summary
 def _local_fault(row: LayerRow, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
-    local = _float(row.local_rel_l2)
+    local = row.local_rel_l2
     if math.isfinite(local) and local > tolerances.local_rel_l2:
         return True
     return row.diverged  # also a sub-tolerance activation fault (diagnose.SUSPECT_LOCAL)
 
 
 def _accumulated_fault(row: LayerRow, tolerances: compare.Tolerances = compare.FLOAT32) -> bool:
-    return _float(row.rel_l2) > tolerances.accumulated_rel_l2
+    return row.rel_l2 > tolerances.accumulated_rel_l2
 
 
 def _divergence(row: LayerRow | None) -> dict | None:
@@ -220,7 +219,7 @@ def summary(result, checkpoint_path: str) -> dict:
         towers[tower] = {
             "layers": len(members), "layer_statuses": _statuses(members),
             "first_local_divergence": _divergence(t_local), "first_accumulated_divergence": _divergence(t_acc),
-            "final_rel_l2": _float(members[-1].rel_l2),
+            "final_rel_l2": members[-1].rel_l2,
         }
     sources = Counter(e.source for e in entries)
     spec = getattr(result, "spec", None)
