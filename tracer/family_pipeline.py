@@ -223,7 +223,7 @@ def _check(s: FamilyConversion) -> None:
 
 
 def _save(s: FamilyConversion) -> None:
-    save_and_push(s, s.family, s.hf_model)
+    save_and_push(s, s.family)
 
 
 def conflict_message(conflicts: list, report, mapping_file) -> str:

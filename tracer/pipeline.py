@@ -356,7 +356,7 @@ def _check(s: AlignConversion) -> None:
 
 
 def _save(s: AlignConversion) -> None:
-    save_and_push(s, "align", s.hf_model)
+    save_and_push(s, "align")
 
 
 def write_mapping_file(entries: list[Entry], path: str) -> Path:

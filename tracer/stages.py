@@ -117,7 +117,7 @@ def report_path(options) -> Path:
         options.checkpoint_path)
 
 
-def save_and_push(state: Conversion, family, hf_model) -> None:
+def save_and_push(state: Conversion, family) -> None:
     """The `save` stage: with --save_model or --push_to_hub, the model (float32, as the checkpoint holds it) and
     processor saved, reloaded and checked (`pipeline.save_verified`), with a model card; then the push. The
     result's model becomes the reloaded one. `family`: the card's family (a name or a `Family`)."""
@@ -125,7 +125,7 @@ def save_and_push(state: Conversion, family, hf_model) -> None:
     from tracer.progress import stage
     from tracer.pipeline import push, save_verified
 
-    options, result = state.options, state.result
+    options, result, hf_model = state.options, state.result, state.hf_model
     if state.saving:
         card = model_card(options, family, state.spec, result)
         result.model = None
